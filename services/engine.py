@@ -1,0 +1,79 @@
+"""The engine Protocol the pipeline and the service are written against; vLLM and a fake implement it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.schema import ChatMessage
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: `n` responses per prompt."""
+
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response: text, the engine's token ids (EOS included when it ended) and their log-probs.
+
+    `logprobs[t]` is the log-probability of `token_ids[t]` under the sampling distribution (after
+    temperature/top-p: vLLM's processed log-probs).
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "stop"
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine keeps for metrics and summaries."""
+
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    generate_calls: int = 0
+    busy_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What mindgap needs from an inference engine."""
+
+    stats: EngineStats
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of `messages` through the chat template, with the generation prompt appended."""
+        ...
+
+    def encode_completion(self, text: str) -> list[int]:
+        """Token ids of an assistant response written by someone else (expert), ending with EOS."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of `token_ids`, special tokens skipped."""
+        ...
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig) -> list[Sample]:
+        """Sample `params.n` responses to one prompt."""
+        ...
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        """log p(completion_ids[t] | prompt, completion_ids[:t]) under the current weights, temperature 1."""
+        ...
+
+    async def reload(self, path: str) -> None:
+        """Load new weights (an HF safetensors folder); raise and keep the old weights on failure."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Release the engine's processes and memory."""
+        ...

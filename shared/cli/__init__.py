@@ -1,0 +1,71 @@
+"""The `mindgap` command line: one Typer app; each area registers its commands from its own module.
+
+Command modules import nothing heavy at module level (no torch, vLLM, transformers, FastAPI), so
+`mindgap --help` is instant; the work is imported inside each command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="mindgap",
+    help="Guided Re-solving for stable off-policy SFT: rewrite data toward the policy, train on it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each module registers its commands on `app` when imported.
+COMMAND_MODULES = ("rewrite", "model", "service", "train", "pipeline", "evaluate", "bench")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no traceback."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure root logging once for a CLI process."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `message` as one clear error line and return the Exit to raise."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def hard_exit(code: int) -> None:
+    """Exit without running interpreter teardown.
+
+    vLLM's CPU engine sometimes aborts in C++ destructors at interpreter exit (exit 134) after all work
+    is done; once results are written and engines shut down, skipping teardown keeps the exit status true.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _register() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(f"shared.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"shared.cli.{name}":
+                raise
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    app()

@@ -1,0 +1,69 @@
+"""Every Redis key name mindgap uses, in one place, under one configurable prefix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAINER_GROUP = "trainer"
+REWRITER_GROUP = "rewriters"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under `prefix` (``mindgap`` by default)."""
+
+    prefix: str = "mindgap"
+
+    @property
+    def examples(self) -> str:
+        """Stream of example records; consumer group ``trainer``."""
+        return f"{self.prefix}:examples"
+
+    @property
+    def tasks(self) -> str:
+        """Stream of problem chunks; consumer group ``rewriters``."""
+        return f"{self.prefix}:tasks"
+
+    @property
+    def jobs(self) -> str:
+        """Sorted set of job ids scored by creation time."""
+        return f"{self.prefix}:jobs"
+
+    def job(self, job_id: str) -> str:
+        """Hash with a job's state, spec and counters."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_problems(self, job_id: str) -> str:
+        """List of a job's problems (JSON), indexed by row number."""
+        return f"{self.prefix}:job:{job_id}:problems"
+
+    def job_results(self, job_id: str) -> str:
+        """Hash example id → example JSON: a job's results, idempotent under redelivery."""
+        return f"{self.prefix}:job:{job_id}:results"
+
+    def job_done(self, job_id: str) -> str:
+        """Set of finished chunk ids (per epoch) of a job: makes chunk processing idempotent."""
+        return f"{self.prefix}:job:{job_id}:done"
+
+    def job_errors(self, job_id: str) -> str:
+        """List of row-level errors of a job (JSON)."""
+        return f"{self.prefix}:job:{job_id}:errors"
+
+    @property
+    def policy(self) -> str:
+        """Hash with the current policy ``version`` and checkpoint ``path``."""
+        return f"{self.prefix}:policy"
+
+    @property
+    def policy_events(self) -> str:
+        """Pub/sub channel announcing new policy versions."""
+        return f"{self.prefix}:policy:events"
+
+    @property
+    def deadletter(self) -> str:
+        """Stream of entries that failed too many deliveries, with the reason."""
+        return f"{self.prefix}:deadletter"
+
+    def trainer_state(self, run: str) -> str:
+        """Hash with a trainer run's published progress (step, loss, version)."""
+        return f"{self.prefix}:trainer:{run}"
