@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SCHEMA_VERSION = 1
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """Which stage of Guided Re-solving produced a training response."""
 
     SELF = "self"
@@ -72,9 +72,7 @@ class Example(BaseModel):
         if len(self.target_logprobs) != n:
             raise ValueError(f"target_logprobs has {len(self.target_logprobs)} entries for {n} completion tokens")
         if self.behavior_logprobs is not None and len(self.behavior_logprobs) != n:
-            raise ValueError(
-                f"behavior_logprobs has {len(self.behavior_logprobs)} entries for {n} completion tokens"
-            )
+            raise ValueError(f"behavior_logprobs has {len(self.behavior_logprobs)} entries for {n} completion tokens")
         if self.stage is Stage.EXPERT and self.behavior_logprobs is not None:
             raise ValueError("expert examples have no behaviour log-probabilities (must be null)")
         if self.schema_version != SCHEMA_VERSION:

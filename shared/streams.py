@@ -1,0 +1,117 @@
+"""Redis stream helpers shared by the service (producer) and the trainer (consumer).
+
+Delivery is at-least-once everywhere, so producers are idempotent: an example is added to the stream
+only if its deterministic id is new in its job's results hash, checked and written atomically in Lua.
+Backpressure replaces trimming: a producer waits while the trainer group's lag is above a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from shared.keys import TRAINER_GROUP, Keys
+from shared.schema import Example
+
+# KEYS[1] results hash, KEYS[2] examples stream; ARGV: (id, json) pairs. Returns how many were new.
+_PUBLISH_LUA = """
+local added = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'id', ARGV[i], 'data', ARGV[i + 1])
+    added = added + 1
+  end
+end
+return added
+"""
+
+
+async def ensure_group(r: aioredis.Redis, stream: str, group: str, start: str = "0") -> None:
+    """Create consumer `group` on `stream` (and the stream) if missing; `start="0"` sees all history."""
+    try:
+        await r.xgroup_create(stream, group, id=start, mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def group_lag(r: aioredis.Redis, stream: str, group: str) -> int:
+    """Entries in `stream` not yet delivered to `group` (0 when the group is missing)."""
+    for info in await r.xinfo_groups(stream):
+        name = info["name"]
+        if (name.decode() if isinstance(name, bytes) else name) != group:
+            continue
+        lag = info.get("lag")
+        if lag is not None:
+            return int(lag)
+        # Redis cannot tell the lag after deletions; fall back to entries-read against the length.
+        read = info.get("entries-read") or 0
+        return max(0, int(await r.xlen(stream)) - int(read))
+    return 0
+
+
+async def wait_for_capacity(
+    r: aioredis.Redis,
+    stream: str,
+    group: str,
+    max_lag: int,
+    poll_s: float = 0.5,
+    timeout_s: float | None = None,
+) -> float:
+    """Block while `group`'s lag on `stream` exceeds `max_lag` (0 disables); return seconds waited."""
+    if max_lag <= 0:
+        return 0.0
+    start = time.monotonic()
+    while await group_lag(r, stream, group) > max_lag:
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"stream {stream} lag stayed above {max_lag} for {timeout_s:.0f}s")
+        await asyncio.sleep(poll_s)
+    return time.monotonic() - start
+
+
+async def publish_examples(
+    r: aioredis.Redis, keys: Keys, job_id: str, examples: Sequence[Example], max_lag: int = 0
+) -> int:
+    """Record `examples` as `job_id`'s results and add the new ones to the examples stream; return how many were new."""
+    if not examples:
+        return 0
+    await ensure_group(r, keys.examples, TRAINER_GROUP)
+    await wait_for_capacity(r, keys.examples, TRAINER_GROUP, max_lag)
+    argv: list[str] = []
+    for ex in examples:
+        argv += [ex.id, ex.model_dump_json()]
+    added = await r.eval(_PUBLISH_LUA, 2, keys.job_results(job_id), keys.examples, *argv)
+    return int(added)
+
+
+async def dead_letter(
+    r: aioredis.Redis, keys: Keys, source: str, entry_id: str, payload: Mapping[str, Any] | str, reason: str
+) -> None:
+    """Park an entry that cannot be processed in the dead-letter stream, with the reason."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+    await r.xadd(
+        keys.deadletter,
+        {
+            "source": source,
+            "entry_id": entry_id,
+            "reason": reason,
+            "data": data,
+            "time": f"{time.time():.3f}",
+        },
+    )
+
+
+def field(entry: Mapping[bytes | str, bytes | str], name: str) -> str | None:
+    """A stream entry's field as text, whether the client decodes responses or not."""
+    value = entry.get(name)
+    if value is None:
+        value = entry.get(name.encode())
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
