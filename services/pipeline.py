@@ -1,0 +1,363 @@
+"""Guided Re-solving over one batch of problems: self → guided → expert, as pure logic over the Engine.
+
+The pipeline never references vLLM, Redis or HTTP: the offline CLI and the service both hand it an
+`Engine` and a `Grader` and get `ProblemOutcome`s back. Batching is the point of the structure: every
+round of a stage sends all its prompts to the engine at once (one `asyncio.gather`), grades all the
+responses in one call, and scores all kept examples in one last gather.
+
+Decisions the design notes leave open, made here:
+- A response that did not finish (cut at `max_tokens`, or aborted) is never kept: its final answer may
+  be mid-thought even when it happens to match. It is counted as `truncated_rejected`.
+- Sampling runs in `params.rounds` rounds per stage; a problem that already holds `keep` correct
+  responses is not sampled again (early stop). Stage 2 runs only for problems with no correct self sample.
+- Guidance modes `solution` and `hint` need a reference solution; a problem without one is guided with
+  its gold answer (`answer` mode) instead, and `meta.guidance` records the mode actually used.
+- Expert fallback uses the reference solution; a problem with only an answer falls back to the answer
+  text itself (the dataset's own demonstration, not a made-up one). A problem with neither yields no
+  example and is counted as dropped.
+- A problem whose gold answer cannot be determined is not sampled: it goes straight to the expert
+  fallback with grade `ungradable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.table import Table
+
+from services.engine import Engine, Sample, SamplingConfig
+from shared.config import GuidanceMode, StageParams
+from shared.grading import Grader, extract_gold, extract_prediction
+from shared.prompts import guided_messages, leak_reason, solve_messages
+from shared.schema import ChatMessage, Example, Grade, Problem, Stage, example_id
+
+STAGES = (Stage.SELF, Stage.GUIDED, Stage.EXPERT)
+
+
+@dataclass
+class ProblemOutcome:
+    """What the pipeline made of one problem: its examples and the counters behind them."""
+
+    problem: Problem
+    examples: list[Example] = field(default_factory=list)
+    stage: Stage | None = None  # the stage that produced the examples; None when dropped
+    ungradable: bool = False
+    generated_tokens: int = 0
+    self_attempts: int = 0
+    guided_attempts: int = 0
+    self_correct: int = 0
+    guided_correct: int = 0
+    leaks_rejected: int = 0
+    truncated_rejected: int = 0
+    guidance: GuidanceMode | None = None
+
+
+@dataclass
+class _Kept:
+    """A response chosen for training, before it is scored."""
+
+    stage: Stage
+    text: str
+    token_ids: list[int]
+    behavior_logprobs: list[float] | None
+    grade: Grade
+    finish_reason: str | None = None
+    source: str | None = None  # expert only: "solution" or "answer"
+
+
+@dataclass
+class _Work:
+    """Per-problem state while its batch moves through the stages."""
+
+    outcome: ProblemOutcome
+    gold: str | None
+    plain_prompt: list[int]
+    kept: list[_Kept] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    guided_prompt: list[int] | None = None
+
+    @property
+    def problem(self) -> Problem:
+        return self.outcome.problem
+
+
+def round_sizes(total: int, rounds: int) -> list[int]:
+    """Split `total` samples into at most `rounds` rounds, larger rounds first (e.g. 5, 2 → [3, 2])."""
+    base, extra = divmod(total, rounds)
+    return [size for i in range(rounds) if (size := base + (1 if i < extra else 0)) > 0]
+
+
+async def rewrite_batch(
+    problems: Sequence[Problem],
+    engine: Engine,
+    grader: Grader,
+    params: StageParams,
+    policy_version: int = 0,
+    id_salt: str = "",
+) -> list[ProblemOutcome]:
+    """Run the three stages of Guided Re-solving on `problems`; one outcome per problem, in order."""
+    works = [
+        _Work(
+            outcome=ProblemOutcome(problem=p),
+            gold=extract_gold(p.answer, p.solution),
+            plain_prompt=engine.render_prompt(solve_messages(p.question)),
+        )
+        for p in problems
+    ]
+    gradable = [w for w in works if w.gold is not None]
+    for w in works:
+        w.outcome.ungradable = w.gold is None
+
+    # Stage 1: the policy on the plain prompt.
+    await _sample_stage(gradable, Stage.SELF, lambda w: w.plain_prompt, params.k, params, engine, grader)
+
+    # Stage 2: guided re-solving for problems with no correct self sample.
+    unsolved = [w for w in gradable if not w.kept]
+    for w in unsolved:
+        mode = params.guidance if w.problem.solution else "answer"
+        w.outcome.guidance = mode
+        w.guided_prompt = engine.render_prompt(
+            guided_messages(w.problem.question, w.problem.solution, w.gold, mode, params.hint_fraction)
+        )
+    await _sample_stage(unsolved, Stage.GUIDED, _guided_prompt, params.resolve_attempts, params, engine, grader)
+
+    # Stage 3: the expert demonstration for whatever is left.
+    for w in works:
+        if not w.kept and (w.outcome.ungradable or params.expert_fallback):
+            expert = _expert_response(w, engine)
+            if expert is not None:
+                w.kept.append(expert)
+
+    # target_logprobs: every kept response scored on the training prompt, all at once.
+    pairs = [(w, k) for w in works for k in w.kept]
+    scores = await asyncio.gather(*(engine.score(w.plain_prompt, k.token_ids) for w, k in pairs))
+    for (w, kept), target in zip(pairs, scores, strict=True):
+        w.outcome.examples.append(_example(w, kept, target, policy_version, id_salt))
+    for w in works:
+        w.outcome.stage = w.kept[0].stage if w.kept else None
+    return [w.outcome for w in works]
+
+
+def _guided_prompt(w: _Work) -> list[int]:
+    assert w.guided_prompt is not None  # set for every problem that enters stage 2
+    return w.guided_prompt
+
+
+async def _sample_stage(
+    works: Sequence[_Work],
+    stage: Stage,
+    prompt_of: Callable[[_Work], list[int]],
+    total: int,
+    params: StageParams,
+    engine: Engine,
+    grader: Grader,
+) -> None:
+    """Sample `total` responses per problem in rounds, grade them, and keep up to `params.keep` distinct."""
+    for n in round_sizes(total, params.rounds):
+        active = [w for w in works if len(w.kept) < params.keep]
+        if not active:
+            return
+        sampling = SamplingConfig(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
+        drawn = await asyncio.gather(*(engine.generate(prompt_of(w), sampling) for w in active))
+
+        finished: list[tuple[_Work, Sample]] = []
+        for w, samples in zip(active, drawn, strict=True):
+            out = w.outcome
+            out.generated_tokens += sum(len(s.token_ids) for s in samples)
+            if stage is Stage.SELF:
+                out.self_attempts += len(samples)
+            else:
+                out.guided_attempts += len(samples)
+            for s in samples:
+                if s.finish_reason == "stop":
+                    finished.append((w, s))
+                else:
+                    out.truncated_rejected += 1
+        verdicts = await grader.grade_batch([(s.text, w.gold or "") for w, s in finished]) if finished else []
+
+        for (w, s), correct in zip(finished, verdicts, strict=True):
+            if correct:
+                _consider(w, s, stage, params.keep)
+
+
+def _consider(w: _Work, s: Sample, stage: Stage, keep: int) -> None:
+    """Count a correct response and keep it if it does not leak, is new, and `keep` is not reached."""
+    out = w.outcome
+    if stage is Stage.SELF:
+        out.self_correct += 1
+    else:
+        out.guided_correct += 1
+        if leak_reason(s.text, w.problem.solution, w.problem.question) is not None:
+            out.leaks_rejected += 1
+            return
+    text_key = s.text.strip()
+    if text_key in w.seen or len(w.kept) >= keep:
+        return
+    w.seen.add(text_key)
+    w.kept.append(
+        _Kept(
+            stage=stage,
+            text=s.text,
+            token_ids=list(s.token_ids),
+            behavior_logprobs=list(s.logprobs),
+            grade="correct",
+            finish_reason=s.finish_reason,
+        )
+    )
+
+
+def _expert_response(w: _Work, engine: Engine) -> _Kept | None:
+    """The expert demonstration (solution, else the bare answer), or None when the row has neither."""
+    p = w.problem
+    if p.solution:
+        text, source = p.solution, "solution"
+    elif p.answer:
+        text, source = p.answer, "answer"
+    else:
+        return None
+    return _Kept(
+        stage=Stage.EXPERT,
+        text=text,
+        token_ids=engine.encode_completion(text),
+        behavior_logprobs=None,
+        grade="ungradable" if w.outcome.ungradable else "reference",
+        source=source,
+    )
+
+
+def _example(w: _Work, kept: _Kept, target: list[float], policy_version: int, id_salt: str) -> Example:
+    out = w.outcome
+    index = sum(1 for e in out.examples if e.stage is kept.stage)
+    meta: dict[str, Any] = {
+        "guidance": out.guidance,
+        "self_attempts": out.self_attempts,
+        "guided_attempts": out.guided_attempts,
+        "leaks_rejected": out.leaks_rejected,
+        "truncated_rejected": out.truncated_rejected,
+        "finish_reason": kept.finish_reason,
+    }
+    if kept.stage is Stage.EXPERT:
+        meta["source"] = kept.source
+    else:
+        meta["predicted"] = extract_prediction(kept.text)
+    return Example(
+        id=example_id(id_salt, w.problem.id, kept.stage.value, index),
+        problem_id=w.problem.id,
+        prompt=solve_messages(w.problem.question),
+        completion=[ChatMessage(role="assistant", content=kept.text)],
+        completion_token_ids=kept.token_ids,
+        stage=kept.stage,
+        policy_version=policy_version,
+        behavior_logprobs=kept.behavior_logprobs,
+        target_logprobs=list(target),
+        answer=w.gold,
+        grade=kept.grade,
+        meta=meta,
+    )
+
+
+@dataclass
+class Summary:
+    """Run totals: problems and examples per stage, ungradable/dropped counts, token throughput."""
+
+    problems: int = 0
+    stage_problems: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in STAGES})
+    stage_examples: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in STAGES})
+    ungradable: int = 0  # expert fallbacks of problems without a gold answer (also counted in expert)
+    dropped: int = 0  # problems that produced no example
+    skipped_rows: int = 0  # input rows rejected before the pipeline (bad JSON, no question, …)
+    response_tokens: int = 0
+    generated_tokens: int = 0
+    leaks_rejected: int = 0
+    truncated_rejected: int = 0
+    wall_seconds: float = 0.0
+
+    @classmethod
+    def from_outcomes(cls, outcomes: Iterable[ProblemOutcome], wall_seconds: float = 0.0) -> Summary:
+        """A summary of `outcomes` over `wall_seconds` of run time."""
+        summary = cls(wall_seconds=wall_seconds)
+        summary.add(outcomes)
+        return summary
+
+    def add(self, outcomes: Iterable[ProblemOutcome]) -> None:
+        """Accumulate more outcomes (a run summarises batch after batch)."""
+        for out in outcomes:
+            self.problems += 1
+            self.generated_tokens += out.generated_tokens
+            self.leaks_rejected += out.leaks_rejected
+            self.truncated_rejected += out.truncated_rejected
+            if out.stage is None:
+                self.dropped += 1
+                continue
+            self.ungradable += out.ungradable
+            self.stage_problems[out.stage.value] += 1
+            for ex in out.examples:
+                self.stage_examples[ex.stage.value] += 1
+                self.response_tokens += len(ex.completion_token_ids)
+
+    @property
+    def examples(self) -> int:
+        """Examples produced, all stages together."""
+        return sum(self.stage_examples.values())
+
+    @property
+    def mean_response_tokens(self) -> float:
+        """Mean completion length of the produced examples, in tokens."""
+        return self.response_tokens / self.examples if self.examples else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated (sampled) tokens per second of wall time."""
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def percent(self, stage: Stage) -> float:
+        """Share of problems whose examples came from `stage`, in percent."""
+        return 100.0 * self.stage_problems[stage.value] / self.problems if self.problems else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the summary JSON written beside the output."""
+        return {
+            "problems": self.problems,
+            "examples": self.examples,
+            "stages": {
+                s.value: {
+                    "problems": self.stage_problems[s.value],
+                    "examples": self.stage_examples[s.value],
+                    "percent_problems": round(self.percent(s), 2),
+                }
+                for s in STAGES
+            },
+            "ungradable": self.ungradable,
+            "dropped": self.dropped,
+            "skipped_rows": self.skipped_rows,
+            "leaks_rejected": self.leaks_rejected,
+            "truncated_rejected": self.truncated_rejected,
+            "mean_response_tokens": round(self.mean_response_tokens, 2),
+            "generated_tokens": self.generated_tokens,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+        }
+
+    def table(self) -> Table:
+        """The stage table printed at the end of a run."""
+        table = Table(title=f"mindgap rewrite: {self.problems} problems → {self.examples} examples")
+        table.add_column("stage")
+        table.add_column("problems", justify="right")
+        table.add_column("% problems", justify="right")
+        table.add_column("examples", justify="right")
+        for s in STAGES:
+            n = self.stage_problems[s.value]
+            table.add_row(s.value, str(n), f"{self.percent(s):.1f}", str(self.stage_examples[s.value]))
+        table.add_section()
+        table.add_row("of which ungradable", str(self.ungradable), "", "")
+        table.add_row("dropped (no example)", str(self.dropped), "", "")
+        table.add_row("skipped input rows", str(self.skipped_rows), "", "")
+        table.caption = (
+            f"mean response {self.mean_response_tokens:.1f} tokens · generated {self.generated_tokens} tokens"
+            f" in {self.wall_seconds:.1f} s ({self.tokens_per_second:.1f} tok/s) · leaks rejected"
+            f" {self.leaks_rejected} · truncated rejected {self.truncated_rejected}"
+        )
+        return table

@@ -1,0 +1,245 @@
+"""The Guided Re-solving pipeline on the fake engine: every branch, batching, ids and the summary."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+from rich.console import Console
+
+from services.fake_engine import EOS_ID, FakeEngine, scripted
+from services.pipeline import ProblemOutcome, Summary, rewrite_batch, round_sizes
+from shared.config import StageParams
+from shared.grading import Grader
+from shared.prompts import solve_messages
+from shared.schema import Problem, Stage
+
+QUESTION = "What is 2 plus 3?"
+SOLUTION = "Two and three make 2 + 3 = 5.\n#### 5"
+
+
+@pytest.fixture(scope="module")
+def grader() -> Iterator[Grader]:
+    with Grader(workers=1, timeout=10.0) as g:
+        yield g
+
+
+def problem(pid: str = "p1", question: str = QUESTION, solution: str | None = SOLUTION, answer: str | None = "5"):
+    return Problem(id=pid, question=question, solution=solution, answer=answer)
+
+
+def params(**kw) -> StageParams:
+    base = {"k": 4, "resolve_attempts": 2, "keep": 1, "rounds": 1, "temperature": 0.7, "max_tokens": 200}
+    return StageParams(**(base | kw))
+
+
+async def run(engine: FakeEngine, grader: Grader, problems: Sequence[Problem], **kw) -> list[ProblemOutcome]:
+    return await rewrite_batch(problems, engine, grader, params(**kw))
+
+
+def generate_calls(engine: FakeEngine, needle: str) -> list[int]:
+    """The `n` of every generate call whose prompt contains `needle`."""
+    return [c.n for c in engine.calls if c.kind == "generate" and needle in c.prompt]
+
+
+async def test_solved_in_stage_one(grader: Grader) -> None:
+    engine = FakeEngine(scripted({QUESTION: ["2 + 3 = 5, so \\boxed{5}."]}))
+    (out,) = await run(engine, grader, [problem()])
+    assert out.stage is Stage.SELF and out.self_correct >= 1 and out.guided_attempts == 0
+    (ex,) = out.examples
+    assert ex.stage is Stage.SELF and ex.grade == "correct" and ex.answer == "5"
+    assert ex.prompt == solve_messages(QUESTION)
+    assert ex.response == "2 + 3 = 5, so \\boxed{5}."
+    assert ex.completion_token_ids == engine.encode_completion(ex.response)
+    assert ex.completion_token_ids[-1] == EOS_ID
+    plain = engine.render_prompt(solve_messages(QUESTION))
+    assert ex.target_logprobs == await engine.score(plain, ex.completion_token_ids)
+    # behaviour = processed log-probs of the sampling distribution on the plain prompt (fake: target / T)
+    assert ex.behavior_logprobs == pytest.approx([t / 0.7 for t in ex.target_logprobs])
+    assert ex.meta["finish_reason"] == "stop" and ex.meta["guidance"] is None
+    assert ex.meta["predicted"] == "5"
+
+
+async def test_keep_honoured_and_identical_texts_deduplicated(grader: Grader) -> None:
+    responses = ["First: \\boxed{5}", "First: \\boxed{5}", "Second: \\boxed{5}", "Third: \\boxed{5}"]
+    engine = FakeEngine(scripted({QUESTION: responses}))
+    (out,) = await run(engine, grader, [problem()], k=4, keep=2)
+    assert out.self_correct == 4
+    assert [e.response for e in out.examples] == ["First: \\boxed{5}", "Second: \\boxed{5}"]
+    assert len({e.id for e in out.examples}) == 2
+
+
+async def test_early_stop_skips_later_rounds_for_solved_problems(grader: Grader) -> None:
+    easy, hard = "What is 1 plus 1?", "What is 4 plus 4?"
+    engine = FakeEngine(scripted({easy: ["\\boxed{2}"], hard: ["\\boxed{0}", "\\boxed{1}"]}))
+    problems = [problem("easy", easy, "1 + 1 = 2", "2"), problem("hard", hard, "4 + 4 = 8", "8")]
+    easy_out, hard_out = await run(engine, grader, problems, k=4, rounds=2, resolve_attempts=0)
+    assert generate_calls(engine, easy) == [2]  # solved in round 1: no round 2
+    assert generate_calls(engine, hard) == [2, 2]
+    assert easy_out.self_attempts == 2 and hard_out.self_attempts == 4
+    assert hard_out.stage is Stage.EXPERT
+
+
+async def test_solved_in_stage_two_with_guidance_kept_out_of_the_prompt(grader: Grader) -> None:
+    engine = FakeEngine(
+        scripted({"Reference solution": ["Adding two and three gives \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
+    )
+    (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=2)
+    assert out.stage is Stage.GUIDED and out.self_correct == 0 and out.guided_correct == 2
+    (ex,) = out.examples
+    assert ex.grade == "correct" and ex.meta["guidance"] == "solution" and ex.meta["guided_attempts"] == 2
+    assert ex.prompt == solve_messages(QUESTION)
+    assert "Reference" not in ex.prompt[0].content
+    # behaviour was sampled on the guided prompt, target is scored on the plain one: they differ.
+    assert len(ex.behavior_logprobs or []) == len(ex.target_logprobs) == len(ex.completion_token_ids)
+    assert ex.behavior_logprobs != pytest.approx([t / 0.7 for t in ex.target_logprobs])
+
+
+async def test_guided_answer_mode_and_missing_solution_fall_back_to_answer(grader: Grader) -> None:
+    engine = FakeEngine(scripted({"correct final answer is": ["I get \\boxed{5}."], QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem(solution=None)], guidance="solution")
+    assert out.stage is Stage.GUIDED and out.guidance == "answer"
+
+
+async def test_leaking_guided_response_is_rejected(grader: Grader) -> None:
+    leaky = "As the reference solution says, the sum is \\boxed{5}."
+    clean = "Counting up from two by three gives \\boxed{5}."
+    engine = FakeEngine(scripted({"Reference solution": [leaky, clean], QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem()], resolve_attempts=2)
+    assert out.leaks_rejected == 1 and out.guided_correct == 2
+    assert [e.response for e in out.examples] == [clean]
+    assert out.examples[0].meta["leaks_rejected"] == 1
+
+
+async def test_copying_the_solution_is_a_leak(grader: Grader) -> None:
+    solution = (
+        "First we note that the number of apples in the basket equals the number that were picked "
+        "in the morning plus those picked later, so 2 + 3 = 5.\n#### 5"
+    )
+    engine = FakeEngine(scripted({"Reference solution": [solution], QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem(solution=solution)], resolve_attempts=2)
+    assert out.leaks_rejected == 2 and out.stage is Stage.EXPERT
+
+
+async def test_fallback_to_expert(grader: Grader) -> None:
+    engine = FakeEngine(scripted({QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=2)
+    assert out.stage is Stage.EXPERT and out.self_attempts == 2 and out.guided_attempts == 2
+    (ex,) = out.examples
+    assert ex.response == SOLUTION and ex.grade == "reference" and ex.behavior_logprobs is None
+    assert ex.completion_token_ids == engine.encode_completion(SOLUTION)
+    assert len(ex.target_logprobs) == len(ex.completion_token_ids)
+    assert ex.meta["source"] == "solution"
+
+
+async def test_expert_from_answer_only_and_fallback_switch(grader: Grader) -> None:
+    engine = FakeEngine(scripted({QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem(solution=None)], k=1, resolve_attempts=1)
+    assert out.examples[0].response == "5" and out.examples[0].meta["source"] == "answer"
+    (off,) = await run(FakeEngine(engine.script), grader, [problem()], expert_fallback=False)
+    assert off.examples == [] and off.stage is None
+
+
+async def test_ungradable_goes_to_expert_without_sampling(grader: Grader) -> None:
+    engine = FakeEngine(scripted({}))
+    essay = problem("essay", "Write a sentence about numbers.", "Numbers are everywhere.", None)
+    bare = problem("bare", "Say something.", None, None)
+    essay_out, bare_out = await run(engine, grader, [essay, bare])
+    assert not [c for c in engine.calls if c.kind == "generate"]
+    assert essay_out.ungradable and essay_out.stage is Stage.EXPERT
+    assert essay_out.examples[0].grade == "ungradable" and essay_out.examples[0].answer is None
+    assert bare_out.ungradable and bare_out.examples == [] and bare_out.stage is None
+    summary = Summary.from_outcomes([essay_out, bare_out])
+    assert summary.ungradable == 1 and summary.dropped == 1 and summary.stage_problems["expert"] == 1
+
+
+async def test_truncated_response_is_never_kept(grader: Grader) -> None:
+    long = "\\boxed{5} is what I first thought, but let me check this again very carefully"
+    engine = FakeEngine(scripted({QUESTION: [long]}))
+    (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=0, max_tokens=20)
+    assert out.truncated_rejected == 2 and out.self_correct == 0 and out.stage is Stage.EXPERT
+    assert out.generated_tokens == 40  # cut at max_tokens, no EOS
+
+
+async def test_all_stage_one_prompts_of_a_batch_in_flight_at_once(grader: Grader) -> None:
+    engine = FakeEngine(delay=0.05)  # default arithmetic script
+    questions = [f"What is {a}+{b}?" for a, b in [(1, 1), (2, 2), (1, 2), (3, 3), (2, 3)]]
+    problems = [problem(f"q{i}", q, None, str(eval(q[8:-1]))) for i, q in enumerate(questions)]
+    await run(engine, grader, problems, k=2, rounds=1)
+    assert engine.max_in_flight["generate"] == len(problems)
+    first = engine.calls[: len(problems)]
+    assert all(c.kind == "generate" and c.n == 2 for c in first)
+    assert engine.max_in_flight["score"] == len(problems)  # one example each, all scored together
+
+
+async def test_default_script_reaches_each_stage(grader: Grader) -> None:
+    engine = FakeEngine.from_config()
+    problems = [
+        problem("always", "What is 1+1?", None, "2"),  # (1+1) % 3 == 2: always right
+        problem("second", "What is 2+2?", None, "4"),  # == 1: wrong, then right
+        problem("never", "What is 1+2?", None, "3"),  # == 0: only right when guided
+    ]
+    outs = await run(engine, grader, problems, k=2, rounds=1)
+    assert [o.stage for o in outs] == [Stage.SELF, Stage.SELF, Stage.GUIDED]
+    assert [o.self_correct for o in outs] == [2, 1, 0]
+
+
+async def test_reload_changes_outputs(grader: Grader, tmp_path) -> None:
+    engine = FakeEngine.from_config()
+    ids = engine.render_prompt(solve_messages("What is 2+2?"))
+    sampling = params().model_dump()
+    from services.engine import SamplingConfig
+
+    cfg = SamplingConfig(n=1, temperature=sampling["temperature"], max_tokens=100)
+    before = await engine.generate(ids, cfg)
+    engine._drawn.clear()
+    await engine.reload(str(tmp_path))
+    after = await engine.generate(ids, cfg)
+    assert before[0].text != after[0].text
+    with pytest.raises(FileNotFoundError):
+        await engine.reload(str(tmp_path / "missing"))
+
+
+async def test_ids_are_deterministic_across_runs(grader: Grader) -> None:
+    problems = [problem("a", "What is 1+1?", None, "2"), problem("b", "What is 1+2?", "1 + 2 = 3", "3")]
+
+    async def ids(salt: str) -> list[str]:
+        outs = await rewrite_batch(problems, FakeEngine.from_config(), grader, params(), id_salt=salt)
+        return [e.id for o in outs for e in o.examples]
+
+    first, second, other = await ids("data.jsonl"), await ids("data.jsonl"), await ids("other.jsonl")
+    assert first == second and len(set(first)) == len(first)
+    assert not set(first) & set(other)
+
+
+async def test_policy_version_is_stamped(grader: Grader) -> None:
+    outs = await rewrite_batch([problem()], FakeEngine(scripted({})), grader, params(), policy_version=3)
+    assert outs[0].examples[0].policy_version == 3
+
+
+def test_round_sizes() -> None:
+    assert round_sizes(4, 2) == [2, 2]
+    assert round_sizes(5, 2) == [3, 2]
+    assert round_sizes(1, 3) == [1]
+    assert round_sizes(0, 2) == []
+
+
+async def test_summary_counts_and_table(grader: Grader) -> None:
+    engine = FakeEngine.from_config()
+    problems = [
+        problem("s", "What is 1+1?", None, "2"),
+        problem("g", "What is 1+2?", None, "3"),
+        problem("u", "Describe a square.", "A square has four equal sides.", None),
+    ]
+    # keep=2, but the default script repeats its text: identical responses are kept once
+    summary = Summary.from_outcomes(await run(engine, grader, problems, keep=2), wall_seconds=2.0)
+    data = summary.to_dict()
+    assert data["problems"] == 3 and data["examples"] == 3
+    assert data["stages"]["self"] == {"problems": 1, "examples": 1, "percent_problems": 33.33}
+    assert data["stages"]["guided"]["problems"] == 1 and data["stages"]["expert"]["problems"] == 1
+    assert data["ungradable"] == 1 and data["generated_tokens"] == engine.stats.generated_tokens
+    assert data["tokens_per_second"] == pytest.approx(engine.stats.generated_tokens / 2.0, abs=0.01)
+    console = Console(record=True, width=120)
+    console.print(summary.table())
+    text = console.export_text()
+    assert "guided" in text and "ungradable" in text
