@@ -1,0 +1,118 @@
+"""`mindgap up DATA`: Redis, the rewrite service and the trainer on one machine, as one closed loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from shared.cli import app, fail, setup_logging
+
+if TYPE_CHECKING:
+    from shared.orchestrate import UpPlan, UpResult
+
+log = logging.getLogger("mindgap.up")
+
+
+@app.command()
+def up(
+    data: Path = typer.Argument(..., help="problems: JSONL/JSON/parquet, submitted as an online job"),
+    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
+    model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
+    nproc: int | None = typer.Option(None, help="trainer ranks on this machine (torchrun when > 1)"),
+    max_versions: int | None = typer.Option(None, help="stop after the service loaded N new policy versions"),
+    checkpoint_every: int | None = typer.Option(None, help="trainer steps between policy versions"),
+    loss: str | None = typer.Option(None, help="trainer loss: sft | dft | is"),
+    epochs: int | None = typer.Option(None, help="passes over DATA (default: cycle until stopped)"),
+    engine: str | None = typer.Option(None, "--engine", help="service backend: vllm (default) or fake"),
+    host: str | None = typer.Option(None, help="service bind address (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="service port (default: a free one)"),
+    key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
+    run_dir: Path | None = typer.Option(None, help="logs, Redis data and checkpoints (default out/up-<time>)"),
+    service_config: Path | None = typer.Option(None, help="TOML config passed to `mindgap serve`"),
+    train_config: Path | None = typer.Option(None, help="TOML config passed to `mindgap train`"),
+    grace: float | None = typer.Option(None, help="seconds each child gets to stop before SIGKILL"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config of this command"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Start Redis (unless MINDGAP_REDIS_URL is set), the service and the trainer; rewrite DATA online."""
+    from pydantic import ValidationError
+
+    from shared.orchestrate import OrchestrateError, UpConfig, UpPlan
+
+    setup_logging(verbose)
+    if not data.is_file():
+        raise fail(f"DATA: no such file {data}")
+    cli: dict[str, Any] = {
+        "data": data,
+        "fields": field or None,
+        "model": model,
+        "nproc": nproc,
+        "max_versions": max_versions,
+        "checkpoint_every": checkpoint_every,
+        "loss": loss,
+        "epochs": epochs,
+        "engine": engine,
+        "host": host,
+        "port": port,
+        "key_prefix": key_prefix,
+        "run_dir": run_dir,
+        "service_config": service_config,
+        "train_config": train_config,
+        "grace_s": grace,
+    }
+    try:
+        cfg = UpConfig.load(config, **cli)
+    except (ValidationError, FileNotFoundError) as exc:
+        raise fail(f"invalid configuration: {exc}") from None
+    cfg.log_resolved(log)
+    plan = UpPlan.from_config(cfg)
+    typer.echo(f"run folder {plan.run_dir} (logs in {plan.run_dir / 'logs'})")
+    try:
+        result = asyncio.run(_run_live(plan))
+    except OrchestrateError as exc:
+        tail = getattr(getattr(exc, "child", None), "log_tail", lambda: "")()
+        if tail:
+            typer.secho(tail, err=True, dim=True)
+        raise fail(str(exc), code=1) from None
+    _report(result)
+
+
+async def _run_live(plan: UpPlan) -> UpResult:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from shared.orchestrate import LoopStatus, run_up
+
+    console = Console(stderr=True)
+    with Live(Text("starting Redis, service and trainer…"), console=console, refresh_per_second=4) as live:
+
+        def show(status: LoopStatus) -> None:
+            live.update(Text(status.line()))
+
+        return await run_up(plan, show)
+
+
+def _report(result: UpResult) -> None:
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    why = "reached --max-versions" if result.reason == "max-versions" else "stopped"
+    table = Table(title=f"policy versions ({why}; started from v{result.start_version})")
+    for col in ("version", "loaded at (UTC)", "reload s", "outcome"):
+        table.add_column(col)
+    for r in result.reloads:
+        table.add_row(
+            f"v{r.version}",
+            datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            f"{r.duration_s:.2f}" if r.duration_s is not None else "-",
+            "loaded" if r.ok else f"refused: {r.error or 'failed'}",
+        )
+    Console(width=120).print(table)
+    typer.echo(f"run folder {result.run_dir}")
