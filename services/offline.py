@@ -114,16 +114,14 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 async def build_engine(cfg: RewriteConfig) -> Engine:
-    """The engine named by `cfg.backend`: vLLM in process (model resolved first) or the test fake."""
+    """The engine named by `cfg.backend`: vLLM in process or the test fake."""
     if cfg.backend == "fake":
         from services.fake_engine import FakeEngine
 
         return FakeEngine.from_config(cfg.engine)
     from services.vllm_engine import VLLMEngine
-    from shared.models import resolve_model
 
-    engine_cfg = cfg.engine.model_copy(update={"model": resolve_model(cfg.engine.model)})
-    return await VLLMEngine.create(engine_cfg)
+    return await VLLMEngine.create(cfg.engine)
 
 
 async def rewrite_problems(
