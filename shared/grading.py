@@ -1,0 +1,474 @@
+"""Answer grading: gold and predicted answer extraction, math-verify and Qwen2.5-Math equivalence, a process pool.
+
+Extraction order for a model response (`extract_prediction`):
+  1. the content of the last `\\boxed{…}` (or `\\fbox{…}` / `\\framebox{…}`), nested braces allowed;
+  2. else the last "#### X", "the (final) answer is X" or "Answer: X" phrase;
+  3. else the last number in the text (integers, decimals, `a/b`, thousands separators, sign).
+
+Gold answers (`extract_gold`) come from the answer field when it holds one — a plain answer, a GSM8K
+solution ending in `#### 42`, a `\\boxed{}` or an OlympiadBench list such as `['$\\frac{1}{2}$']` —
+else from the solution's last `\\boxed{}` or `#### X`.
+
+math-verify's own timeouts use `signal.alarm`, which only works in a process's main thread, so the
+`Grader` runs every comparison in the main thread of pool worker processes and guards each item with a
+wall-clock deadline: an item past its deadline grades False and the pool is killed and recreated.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import math
+import multiprocessing
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from types import TracebackType
+from typing import Literal
+
+GradeMethod = Literal["math_verify", "qwen"]
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox", "\\framebox")
+_NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
+_ANSWER_PHRASE = re.compile(
+    r"(?:####|(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)|answer\s*=)\s*:?\s*(.+?)(?:\n|$|\.\s|\.$)",
+    re.IGNORECASE,
+)
+_SCI_NOTATION = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])")
+
+
+# ----------------------------------------------------------------------------------------- extraction
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """Contents of every `\\boxed{…}` in order, matching nested braces; `\\boxed 5` is accepted too."""
+    found: list[str] = []
+    i = 0
+    while True:
+        starts = [(text.find(cmd, i), cmd) for cmd in _BOX_COMMANDS]
+        starts = [(pos, cmd) for pos, cmd in starts if pos >= 0]
+        if not starts:
+            return found
+        pos, cmd = min(starts)
+        # \fbox is a prefix of nothing else, but \boxed must not match \boxedfoo: check the next char.
+        j = pos + len(cmd)
+        if j < len(text) and text[j] == "{":
+            depth, k = 0, j
+            while k < len(text):
+                if text[k] == "{":
+                    depth += 1
+                elif text[k] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                k += 1
+            if depth == 0:
+                found.append(text[j + 1 : k].strip())
+                i = k + 1
+                continue
+            return found  # unbalanced: a truncated response has no usable box after this point
+        if j < len(text) and text[j] == " ":
+            m = re.match(r" +([^\s$]+)", text[j:])
+            if m:
+                found.append(m.group(1))
+        i = j
+
+
+def _strip_dollars(s: str) -> str:
+    """Drop math delimiters (`$…$`, `\\(…\\)`, also mid-text as in "$69$,$84$") and a trailing period."""
+    s = re.sub(r"(?<!\\)\$", "", s.strip().rstrip(".")).strip()
+    if s.startswith("\\(") and s.endswith("\\)"):
+        s = s[2:-2].strip()
+    return s.rstrip(".").strip()
+
+
+def _list_text(answer: str) -> list[str] | None:
+    """An OlympiadBench-style list written as text ("['3', '4']"), or None when it is not one."""
+    s = answer.strip()
+    if not (s.startswith("[") and s.endswith("]") and ("'" in s or '"' in s)):
+        return None
+    # Written as a Python repr the backslashes are doubled; written by hand they are single ("\\frac"),
+    # and must not become escape sequences such as a form feed.
+    literal = s if "\\\\" in s else s.replace("\\", "\\\\")
+    try:
+        value = ast.literal_eval(literal)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
+        return [str(v) for v in value]
+    return None
+
+
+def _join_answers(parts: Sequence[str]) -> str:
+    return ", ".join(_strip_dollars(p) for p in parts if _strip_dollars(p))
+
+
+def extract_gold(answer: str | None, solution: str | None) -> str | None:
+    """The gold answer from an answer field (plain, `#### X`, boxed, list-as-text) or else from the solution."""
+    if answer is not None and answer.strip():
+        items = _list_text(answer)
+        if items is not None:
+            return _join_answers(items) or None
+        if "####" in answer:
+            tail = answer.rsplit("####", 1)[1].strip()
+            return tail.replace(",", "") if re.fullmatch(_NUMBER, tail) else tail or None
+        boxes = _boxed_contents(answer)
+        if boxes:
+            return boxes[-1] or None
+        return _strip_dollars(answer) or None
+    if solution:
+        boxes = _boxed_contents(solution)
+        if boxes and boxes[-1]:
+            return boxes[-1]
+        if "####" in solution:
+            return solution.rsplit("####", 1)[1].strip().replace(",", "") or None
+    return None
+
+
+def extract_prediction(response: str) -> str | None:
+    """The model's final answer: last `\\boxed{}`, else an "answer is"/"####" phrase, else the last number."""
+    boxes = [b for b in _boxed_contents(response) if b]
+    if boxes:
+        return boxes[-1]
+    phrases = [_strip_dollars(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)]
+    phrases = [p for p in phrases if p]
+    if phrases:
+        return phrases[-1]
+    numbers = re.findall(_NUMBER, response)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+# ---------------------------------------------------------------------------------------- math-verify
+
+
+def _for_math_verify(answer: str) -> str:
+    """Box an answer so math-verify's LaTeX extraction parses all of it; spell out `4.5e33` notation."""
+    answer = _SCI_NOTATION.sub(lambda m: f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}", answer)
+    return "\\boxed{" + answer + "}"
+
+
+def answers_match(pred: str, gold: str, timeout_seconds: int = 5) -> bool:
+    """Whether `pred` equals `gold` under math-verify (in this process: call it from a main thread)."""
+    from math_verify import parse, verify
+
+    if _normalize_text(pred) == _normalize_text(gold) and _normalize_text(gold):
+        return True
+    gold_parsed = parse(_for_math_verify(gold), parsing_timeout=timeout_seconds)
+    pred_parsed = parse(_for_math_verify(pred), parsing_timeout=timeout_seconds)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_seconds))
+
+
+# ---------------------------------------------------------------------------- Qwen2.5-Math equivalence
+
+_UNIT_WORDS = (
+    "degrees?|cm|centimeters?|meters?|km|kilometers?|inch(?:es)?|feet|foot|ft|units?|sq|square|mph|"
+    "hours?|minutes?|seconds?|days?|years?|dollars?|cents?|pounds?|miles?|kg|grams?|liters?|ml|"
+    "points?|people|students?|percent"
+)
+
+
+def _fix_fracs(s: str) -> str:
+    """`\\frac12` → `\\frac{1}{2}`, `\\frac1{2}` → `\\frac{1}{2}` (single-character arguments get braces)."""
+    parts = s.split("\\frac")
+    out = parts[0]
+    for part in parts[1:]:
+        out += "\\frac"
+        if not part or part[0] == "{":
+            out += part
+            continue
+        if len(part) < 2:
+            return s
+        a, rest = part[0], part[1:]
+        if rest[0] == "{":
+            out += "{" + a + "}" + rest
+        else:
+            out += "{" + a + "}{" + rest[0] + "}" + rest[1:]
+    return out
+
+
+def _fix_frac_denominator(s: str) -> str:
+    """`\\frac{270}7` → `\\frac{270}{7}`."""
+    return re.sub(r"(\\frac\{[^{}]*\})(\w)", r"\1{\2}", s)
+
+
+def _fix_sqrt(s: str) -> str:
+    return re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
+
+
+def strip_string(s: str) -> str:
+    """Qwen2.5-Math's answer normalisation: drop layout, units, degrees, %, thousands separators, `$`."""
+    s = str(s).strip().replace("\n", "").rstrip(".")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", " ")
+    s = re.sub(r"\\begin\{array\}\{.*?\}", r"\\begin{pmatrix}", s).replace("\\end{array}", "\\end{pmatrix}")
+    s = s.replace("bmatrix", "pmatrix").replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\{", "{").replace("\\}", "}")
+    # Trailing unit words, with or without \text{}/\mbox{}/\mathrm{}.
+    s = re.sub(
+        r"\\(?:text|mbox|mathrm)\{[\s~]*(?:" + _UNIT_WORDS + r"|m|g|s|mm|nm|K|J|W|N|Hz|eV)\s*\}(\^\{?-?\d\}?)?\s*$",
+        "",
+        s,
+    )
+    s = re.sub(r"(?<=[\d}])\s*(?:" + _UNIT_WORDS + r")(\^\{?\d\}?)?\s*$", "", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{(.*?)\}", r"\1", s)
+    s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("°", "")
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = s.replace("\\dots", "").replace("\\cdots", "").replace("\\ldots", "")
+    s = re.sub(r"(\d),(?=\d{3}(?!\d))", r"\1", s)  # 10,080 → 10080 (three-digit groups only)
+    s = s.replace(" .", " 0.").replace("{.", "{0.")
+    if s.startswith("."):
+        s = "0" + s
+    # "x = 5" or "k=1" → the right-hand side when the left side is a short name.
+    m = re.fullmatch(r"\s*[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*(.+)", s)
+    if m:
+        s = m.group(1)
+    s = _fix_sqrt(_fix_frac_denominator(_fix_fracs(s.replace(" ", ""))))
+    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    if m:
+        s = f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}"
+    if s == "0.5":
+        s = "\\frac{1}{2}"
+    s = re.sub(r"(\d)\.0+$", r"\1", s)
+    return s
+
+
+def _normalize_text(s: str) -> str:
+    return strip_string(s).lower()
+
+
+def _to_number(s: str) -> float | None:
+    """A float for a plain number, a percentage or a constant LaTeX expression; None otherwise."""
+    t = s  # thousands separators are gone after strip_string; a comma here separates answers
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", t)
+    if m and float(m.group(3)) != 0:
+        return (-1 if m.group(1) else 1) * float(m.group(2)) / float(m.group(3))
+    try:
+        from latex2sympy2_extended import latex2sympy
+
+        expr = latex2sympy(t)
+        if getattr(expr, "free_symbols", {1}):
+            return None
+        value = complex(expr.evalf())
+        return value.real if abs(value.imag) < 1e-12 else None
+    except Exception:
+        return None
+
+
+def _split_top_level(s: str) -> list[str]:
+    """Split on commas that are not inside (), [] or {}."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+def _numbers_equal(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9)
+
+
+def _qwen_equal(pred: str, gold: str, depth: int) -> bool:
+    if pred == gold:
+        return True
+    gold_num, pred_num = _to_number(gold), _to_number(pred)
+    if gold_num is not None and pred_num is not None:
+        # A percentage may be written as 20 or 0.2: accept either scaling of the gold answer.
+        return any(_numbers_equal(pred_num, g) for g in (gold_num, gold_num / 100, gold_num * 100))
+    if depth > 3:
+        return False
+    brackets = re.fullmatch(r"([(\[])(.*)([)\]])", pred), re.fullmatch(r"([(\[])(.*)([)\]])", gold)
+    if brackets[0] and brackets[1]:
+        (po, pin, pc), (go, gin, gc) = brackets[0].groups(), brackets[1].groups()
+        p_parts, g_parts = _split_top_level(pin), _split_top_level(gin)
+        # Intervals and tuples compare elementwise; the bracket kinds must agree ((3,4] is not (3,4)).
+        if len(p_parts) == len(g_parts) > 1 and (po, pc) == (go, gc):
+            return all(_qwen_equal(p, g, depth + 1) for p, g in zip(p_parts, g_parts, strict=True))
+        if len(p_parts) == len(g_parts) > 1:
+            return False
+    p_parts, g_parts = _split_top_level(pred), _split_top_level(gold)
+    if len(g_parts) > 1 and len(p_parts) == len(g_parts):
+        # Unbracketed lists of answers ("1, 3, 5"): equal as multisets.
+        remaining = list(g_parts)
+        for p in p_parts:
+            hit = next((g for g in remaining if _qwen_equal(p, g, depth + 1)), None)
+            if hit is None:
+                return False
+            remaining.remove(hit)
+        return True
+    return _symbolic_equal(pred, gold)
+
+
+def _symbolic_equal(pred: str, gold: str) -> bool:
+    try:
+        import sympy
+        from latex2sympy2_extended import latex2sympy
+
+        a, b = latex2sympy(pred), latex2sympy(gold)
+        if isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr):
+            return bool(sympy.simplify(a - b) == 0)
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def qwen_math_equal(pred: str, gold: str) -> bool:
+    """Qwen2.5-Math-style equivalence: `strip_string` both, then string, numeric, elementwise, symbolic."""
+    p, g = strip_string(pred), strip_string(gold)
+    if not p or not g:
+        return False
+    return p.lower() == g.lower() or _qwen_equal(p, g, 0)
+
+
+# ------------------------------------------------------------------------------------------- the pool
+
+
+def grade_response(response: str, gold: str, method: GradeMethod = "math_verify", timeout_seconds: int = 5) -> bool:
+    """Extract the response's final answer and compare it with `gold` (runs inside a pool worker)."""
+    pred = extract_prediction(response)
+    if pred is None or not gold.strip():
+        return False
+    if method == "qwen":
+        return qwen_math_equal(pred, gold)
+    return answers_match(pred, gold, timeout_seconds)
+
+
+GradeFn = Callable[[str, str, GradeMethod, int], bool]
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    # forkserver: safe with threads in the parent (vLLM, asyncio) and fast to re-create after a kill,
+    # since new workers fork from a server that has already imported sympy and math-verify.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["math_verify", "shared.grading"])
+    return ctx
+
+
+class Grader:
+    """Grades (response, gold) pairs in worker processes, each item under a wall-clock timeout.
+
+    At most `workers` items are in flight, so an item's clock starts when a worker takes it. An item
+    past its deadline grades False; the pool is then killed and recreated, and the other in-flight items
+    are resubmitted. A crashed worker breaks the pool: its in-flight items are retried one at a time,
+    and an item that breaks the pool twice grades False.
+    """
+
+    def __init__(self, workers: int = 1, timeout: float = 5.0, grade_fn: GradeFn = grade_response) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.workers = workers
+        self.timeout = timeout
+        self._grade_fn = grade_fn
+        self._inner_timeout = max(1, int(timeout))  # math-verify's alarm takes whole seconds
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+        self.timeouts = 0  # items graded False for running past the deadline (for logs and tests)
+        self.restarts = 0
+
+    def __enter__(self) -> Grader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Grader:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+        return self._pool
+
+    def _kill_pool(self) -> None:
+        """Kill the workers (a hung one ignores polite shutdown) and drop the pool."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list(getattr(pool, "_processes", {}).values())
+        for p in processes:
+            p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.join(timeout=5)
+        self.restarts += 1
+
+    def close(self) -> None:
+        """Shut the worker processes down."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    async def grade_batch(self, items: Sequence[tuple[str, str]], method: GradeMethod = "math_verify") -> list[bool]:
+        """Grade (response_text, gold_answer) pairs; True means the response's final answer equals gold."""
+        async with self._lock:  # one batch at a time owns the pool, so a restart never hits another batch
+            return await self._grade(items, method)
+
+    async def _grade(self, items: Sequence[tuple[str, str]], method: GradeMethod) -> list[bool]:
+        results = [False] * len(items)
+        queue: deque[int] = deque(range(len(items)))
+        strikes = [0] * len(items)
+        inflight: dict[asyncio.Future[bool], tuple[int, float]] = {}
+        while queue or inflight:
+            while queue and len(inflight) < self.workers:
+                suspect = strikes[queue[0]] > 0
+                if inflight and (suspect or any(strikes[i] for i, _ in inflight.values())):
+                    break  # items that once broke the pool run alone
+                i = queue.popleft()
+                response, gold = items[i]
+                cfut: Future[bool] = self._ensure_pool().submit(
+                    self._grade_fn, response, gold, method, self._inner_timeout
+                )
+                inflight[asyncio.wrap_future(cfut)] = (i, time.monotonic() + self.timeout)
+            wait_for = max(0.0, min(deadline for _, deadline in inflight.values()) - time.monotonic())
+            done, _ = await asyncio.wait(inflight, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
+            broken: list[int] = []
+            for fut in done:
+                i, _ = inflight.pop(fut)
+                try:
+                    results[i] = bool(fut.result())
+                except BrokenProcessPool:
+                    broken.append(i)
+                except Exception:
+                    results[i] = False  # a judge that raises cannot vouch for the answer
+            now = time.monotonic()
+            expired = [f for f, (_, deadline) in inflight.items() if deadline <= now]
+            if broken or expired:
+                for fut in expired:
+                    i, _ = inflight.pop(fut)
+                    results[i] = False
+                    self.timeouts += 1
+                # Everything else that was in flight dies with the pool: resubmit it.
+                for fut, (i, _) in inflight.items():
+                    fut.cancel()
+                    queue.appendleft(i)
+                inflight.clear()
+                for i in broken:
+                    strikes[i] += 1
+                    if strikes[i] >= 2:
+                        results[i] = False
+                    else:
+                        queue.appendleft(i)
+                self._kill_pool()
+        return results

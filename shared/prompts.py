@@ -1,0 +1,154 @@
+"""Prompts: the plain solve prompt, guided prompts for the three guidance modes, the leak filter, rendering.
+
+`render_prompt_ids` is the one place a chat prompt becomes token ids: the engine samples and scores on
+it and the trainer trains on it, so both see exactly the same tokens. It neutralises special-token text
+inside message contents first, so dataset text can never close the user turn or open a system turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shared.config import GuidanceMode
+from shared.schema import ChatMessage
+
+SOLVE_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+GUIDED_INSTRUCTION = (
+    "Now write your own complete solution to the problem, reasoning step by step as if you were solving it "
+    "for the first time. Do not mention or refer to the {what}, and do not copy its wording. "
+    "Put your final answer within \\boxed{{}}."
+)
+
+# A response that copies this many consecutive words of the reference solution is a copy, not a
+# re-solve. Words are alphabetic runs only (numbers, symbols and LaTeX commands are dropped), so restating
+# the numbers of a short GSM8K solution never counts; spans that also occur in the question do not count.
+LEAK_SPAN_WORDS = 12
+
+_LEAK_PHRASES = re.compile(
+    r"reference solution|reference answer|(?:the|this|that) (?:given|provided|official|sample|above) "
+    r"(?:solution|answer|hint)|as (?:shown|given|stated|mentioned|done|suggested) in the (?:solution|hint|"
+    r"reference)|according to the (?:solution|hint|reference)|the (?:solution|answer|hint) (?:provided|given)"
+    r"|provided (?:solution|answer)|given (?:solution|answer) (?:is|says|states|shows)|\bthe hint\b",
+    re.IGNORECASE,
+)
+
+# Inserted after the first character of special-token text found in data: the text stays readable and
+# byte-for-byte recoverable, but no longer matches the tokenizer's added-token patterns.
+ZERO_WIDTH_JOINER = "\u200d"
+
+
+def solve_messages(question: str) -> list[ChatMessage]:
+    """The plain prompt `prompt(q)`: the question and the step-by-step/boxed instruction."""
+    return [ChatMessage(role="user", content=f"{question.strip()}\n\n{SOLVE_INSTRUCTION}")]
+
+
+def hint_prefix(solution: str, fraction: float) -> str:
+    """The first `fraction` of the solution, cut back to a line or sentence end (else a word end)."""
+    solution = solution.strip()
+    target = max(1, int(len(solution) * fraction))
+    head = solution[:target]
+    boundaries = [m.end() for m in re.finditer(r"\n|[.!?](?=\s)", head)]
+    if boundaries and boundaries[-1] > 0:
+        return head[: boundaries[-1]].strip()
+    # No sentence end before the cut: take the first one after it, unless that is the whole solution.
+    later = re.search(r"\n|[.!?](?=\s)", solution[target:])
+    if later and target + later.end() < len(solution):
+        return solution[: target + later.end()].strip()
+    space = head.rfind(" ")
+    return (head[:space] if space > 0 else head).strip()
+
+
+def guided_messages(
+    question: str,
+    solution: str | None,
+    answer: str | None,
+    mode: GuidanceMode,
+    hint_fraction: float,
+) -> list[ChatMessage]:
+    """The guided prompt `guide(q, s*, a*, mode)`; `solution`/`hint` fall back to `answer` without a solution."""
+    if mode in ("solution", "hint") and not (solution and solution.strip()):
+        mode = "answer"
+    if mode == "answer" and not (answer and answer.strip()):
+        raise ValueError("guided prompt needs a reference solution or a gold answer")
+    if mode == "solution":
+        assert solution is not None
+        guidance = f"Reference solution (for your eyes only):\n{solution.strip()}"
+        what = "reference solution"
+    elif mode == "hint":
+        assert solution is not None
+        guidance = f"Hint (the beginning of a reference solution):\n{hint_prefix(solution, hint_fraction)}"
+        what = "hint"
+    else:
+        assert answer is not None
+        guidance = f"The correct final answer is: {answer.strip()}"
+        what = "given answer"
+    content = f"Problem:\n{question.strip()}\n\n{guidance}\n\n" + GUIDED_INSTRUCTION.format(what=what)
+    return [ChatMessage(role="user", content=content)]
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"<<[^<>]*>>", " ", text)  # GSM8K calculator notes
+    text = re.sub(r"\\[a-zA-Z]+", " ", text)  # LaTeX commands are not prose
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def _spans(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def leak_reason(response: str, solution: str | None, question: str | None = None) -> str | None:
+    """Why a guided response leaks its guidance (mentions it, or copies a long span), or None when clean."""
+    m = _LEAK_PHRASES.search(response)
+    if m:
+        return f"refers to the guidance ({m.group(0)!r})"
+    if not solution:
+        return None
+    copied = _spans(_words(response), LEAK_SPAN_WORDS) & _spans(_words(solution), LEAK_SPAN_WORDS)
+    if question:
+        copied -= _spans(_words(question), LEAK_SPAN_WORDS)
+    if copied:
+        span = " ".join(sorted(copied)[0])
+        return f"copies {LEAK_SPAN_WORDS}+ consecutive words of the reference solution ({span!r})"
+    return None
+
+
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """The text forms of the tokenizer's special and added markup tokens, longest first."""
+    found: set[str] = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for token in decoder.values():
+        text = str(getattr(token, "content", token))
+        # Non-special added tokens can be ordinary words; only markup-looking ones can fake a turn.
+        if getattr(token, "special", False) or re.fullmatch(r"<.+>|\[.+\]", text):
+            found.add(text)
+    return sorted((t for t in found if len(t) >= 2), key=len, reverse=True)
+
+
+def neutralize_special_tokens(text: str, specials: Sequence[str]) -> str:
+    """Break every occurrence of a special-token string in `text` with a zero-width joiner."""
+    if not specials or not text:
+        return text
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    return pattern.sub(lambda m: m.group(0)[0] + ZERO_WIDTH_JOINER + m.group(0)[1:], text)
+
+
+def render_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template with the generation prompt appended."""
+    specials = special_token_strings(tokenizer)
+    safe = [
+        {"role": m.role, "content": neutralize_special_tokens(m.content, specials)}
+        for m in (ChatMessage.model_validate(m) for m in messages)
+    ]
+    out = tokenizer.apply_chat_template(safe, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding (a Mapping) by default; older versions a plain list.
+    if isinstance(out, Mapping) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    ids = out.tolist() if hasattr(out, "tolist") else list(out)
+    if ids and isinstance(ids[0], list):
+        if len(ids) != 1:
+            raise ValueError(f"chat template returned {len(ids)} sequences for one conversation")
+        ids = ids[0]
+    return [int(i) for i in ids]

@@ -1,0 +1,252 @@
+"""Grading: gold/prediction extraction, math-verify and Qwen-style equivalence, the timeout-guarded pool."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shared.grading import (
+    GradeMethod,
+    Grader,
+    answers_match,
+    extract_gold,
+    extract_prediction,
+    grade_response,
+    qwen_math_equal,
+    strip_string,
+)
+
+# (gold as the benchmarks write it, the model's final answer, equal?) — styles from math500, minerva_math,
+# olympiadbench, aime24, amc23 and gsm8k.
+PAIRS: list[tuple[str, str, bool]] = [
+    # fractions, \frac vs a/b, \dfrac, \frac12
+    ("\\frac{14}{3}", "14/3", True),
+    ("\\frac{14}{3}", "\\dfrac{14}{3}", True),
+    ("\\frac{3}{56}", "3/65", False),
+    ("\\dfrac{17}{50}", "0.34", True),
+    ("\\frac{1}{2}", "\\frac12", True),
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True),
+    ("\\frac{1}{2 n+2}", "\\frac{1}{2(n+1)}", True),
+    ("\\frac{1}{2 n+2}", "\\frac{1}{2n+1}", False),
+    # intervals
+    ("(3,4]", "(3,4]", True),
+    ("(3,4]", "(3,4)", False),
+    ("(-\\infty, 0]", "(-\\infty,0]", True),
+    ("(-\\infty, 0]", "(-\\infty, 0)", False),
+    ("(2,\\infty)", "(2, \\infty)", True),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", True),
+    # tuples, points, lists of answers
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi/2)", True),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3, \\pi)", False),
+    ("(6,31,-1)", "(6, 31, -1)", True),
+    ("(6,31,-1)", "(6,31,1)", False),
+    ("1, 3, 5", "5, 3, 1", True),
+    ("1, 3, 5", "1, 3", False),
+    ("69, 84", "69,84", True),
+    # units and \text{}
+    ("5.4 \\text{ cents}", "5.4", True),
+    ("1.6", "1.6 \\mathrm{~cm}", True),
+    ("\\text{Evelyn}", "Evelyn", True),
+    ("\\text{Evelyn}", "Navin", False),
+    ("\\text{(C)}", "C", True),
+    ("\\text{(C)}", "D", False),
+    # percentages and degrees
+    ("10\\%", "10", True),
+    ("10\\%", "20\\%", False),
+    ("90^\\circ", "90", True),
+    ("90^\\circ", "90^{\\circ}", True),
+    ("30^\\circ", "60^\\circ", False),
+    # thousands separators and currency
+    ("10,\\!080", "10080", True),
+    ("11,\\! 111,\\! 111,\\! 100", "11111111100", True),
+    ("\\$32,\\!348", "32348", True),
+    ("\\$32,\\!348", "32,384", False),
+    ("58,500", "58500", True),
+    ("58,500", "5,850", False),
+    # negative numbers, integral floats, leading zeros (AIME), scientific notation (Minerva)
+    ("-50", "-50", True),
+    ("-50", "50", False),
+    ("-1", "-1.0", True),
+    ("27", "27.0", True),
+    ("025", "25", True),
+    ("4.5e33", "4.5 \\times 10^{33}", True),
+    ("4.5e33", "4.5 \\times 10^{32}", False),
+    # square roots, pi, complex numbers, plus-minus, expressions
+    ("3\\sqrt{13}", "\\sqrt{117}", True),
+    ("3\\sqrt{13}", "\\sqrt{39}", False),
+    ("11\\sqrt2", "11\\sqrt{2}", True),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True),
+    ("288 \\pi", "288\\pi", True),
+    ("18+2\\pi", "2\\pi + 18", True),
+    ("\\pi", "3", False),
+    ("6 - 5i", "6-5i", True),
+    ("6 - 5i", "6+5i", False),
+    ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}", True),
+    ("x=5", "5", True),
+    ("p - q", "-q + p", True),
+    ("2^{1009}", "2^{1009}", True),
+    ("2^{1009}", "2^{1008}", False),
+    # GSM8K / AMC integers
+    ("72", "72", True),
+    ("72", "73", False),
+]
+
+
+@pytest.fixture(scope="module")
+def grader() -> Iterator[Grader]:
+    with Grader(workers=2, timeout=20.0) as g:
+        yield g
+
+
+def _respond(pred: str) -> str:
+    return f"Let me work it out step by step.\nSo we get 17 and then 42.\nThe final answer is $\\boxed{{{pred}}}$."
+
+
+def test_pair_list_covers_both_outcomes() -> None:
+    assert sum(ok for *_, ok in PAIRS) >= 40
+    assert sum(not ok for *_, ok in PAIRS) >= 20
+
+
+@pytest.mark.parametrize(("gold", "pred", "expected"), PAIRS, ids=[f"{g}|{p}" for g, p, _ in PAIRS])
+async def test_math_verify_pairs_through_pool(grader: Grader, gold: str, pred: str, expected: bool) -> None:
+    assert await grader.grade_batch([(_respond(pred), gold)]) == [expected]
+
+
+async def test_batch_keeps_order(grader: Grader) -> None:
+    items = [(_respond(p), g) for g, p, _ in PAIRS]
+    assert await grader.grade_batch(items) == [ok for *_, ok in PAIRS]
+
+
+# Cases where the Qwen2.5-Math rules disagree with math-verify are left out on purpose: the eval reports both.
+QWEN_SKIP = {("\\frac{1}{2 n+2}", "\\frac{1}{2(n+1)}"), ("p - q", "-q + p")}
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "expected"),
+    [c for c in PAIRS if c[:2] not in QWEN_SKIP],
+    ids=[f"{g}|{p}" for g, p, _ in PAIRS if (g, p) not in QWEN_SKIP],
+)
+def test_qwen_math_equal_pairs(gold: str, pred: str, expected: bool) -> None:
+    assert qwen_math_equal(pred, gold) is expected
+
+
+async def test_qwen_method_through_pool(grader: Grader) -> None:
+    items = [(_respond("0.5"), "\\frac{1}{2}"), (_respond("(3,4)"), "(3,4]")]
+    assert await grader.grade_batch(items, method="qwen") == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        ("\\left( 3, \\frac12 \\right)", "(3,\\frac{1}{2})"),
+        ("90^\\circ", "90"),
+        ("10,\\!080", "10080"),
+        ("5.4 \\text{ cents}", "5.4"),
+        ("3/4", "\\frac{3}{4}"),
+        ("\\$18.90", "18.90"),
+        ("50\\%", "50"),
+        ("k = 1", "1"),
+    ],
+)
+def test_strip_string(raw: str, normalised: str) -> None:
+    assert strip_string(raw) == normalised
+
+
+def test_answers_match_in_process() -> None:
+    assert answers_match("\\frac{1}{2}", "0.5")
+    assert not answers_match("\\frac{1}{3}", "0.5")
+
+
+# ---------------------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    ("answer", "solution", "gold"),
+    [
+        ("\\frac{14}{3}", None, "\\frac{14}{3}"),
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", None, "72"),
+        ("So it is 1,000 in all.\n#### 1,000", None, "1000"),
+        ("['$\\frac{1}{2}$']", None, "\\frac{1}{2}"),
+        (repr(["$\\frac{1}{2}$", "$\\sqrt{3}$"]), None, "\\frac{1}{2}, \\sqrt{3}"),
+        ("['\\$32']", None, "\\$32"),
+        ("['3', '4']", None, "3, 4"),
+        ("['$69$,$84$']", None, "69,84"),
+        ("$2n$", None, "2n"),
+        ("27", "ignored \\boxed{5}", "27"),
+        (None, "so $s=\\boxed{\\frac{a}{\\sqrt{b^{2}}}}$ cm.", "\\frac{a}{\\sqrt{b^{2}}}"),
+        (None, "first \\boxed{1} then \\boxed{2}", "2"),
+        (None, "AIME style: $\\framebox{204}$ minutes", "204"),
+        (None, "calc\n#### 42", "42"),
+        ("  ", "no final answer anywhere", None),
+        (None, None, None),
+    ],
+)
+def test_extract_gold(answer: str | None, solution: str | None, gold: str | None) -> None:
+    assert extract_gold(answer, solution) == gold
+
+
+@pytest.mark.parametrize(
+    ("response", "pred"),
+    [
+        ("so $x = \\boxed{\\frac{1}{\\sqrt{2}}}$", "\\frac{1}{\\sqrt{2}}"),
+        ("\\boxed{1} wait, no: \\boxed{2}", "2"),
+        ("\\boxed{(1, 2)} and later \\boxed{", "(1, 2)"),
+        ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+        ("Thus the final answer is: 12 apples.\nDone", "12 apples"),
+        ("Answer: -7", "-7"),
+        ("blah\n#### 1,200", "1,200"),
+        ("We have 3 cats and 4 dogs, so 12.5 legs", "12.5"),
+        ("The total is 1,234 dollars", "1234"),
+        ("There are -3/4 of them", "-3/4"),
+        ("no numbers here", None),
+    ],
+)
+def test_extract_prediction(response: str, pred: str | None) -> None:
+    assert extract_prediction(response) == pred
+
+
+def test_grade_response_without_answer_is_false() -> None:
+    assert grade_response("I do not know.", "5") is False
+    assert grade_response("\\boxed{5}", "") is False
+
+
+# ---------------------------------------------------------------------------------- timeouts, crashes
+
+
+def _flaky_judge(response: str, gold: str, method: GradeMethod, timeout_seconds: int) -> bool:
+    """A judge for pool tests: hangs beyond any alarm on HANG, kills its worker on CRASH."""
+    if response == "HANG":
+        while True:  # a busy loop in C would ignore signal.alarm too; sleep stands in for it
+            time.sleep(60)
+    if response == "CRASH":
+        os._exit(3)
+    return grade_response(response, gold, method, timeout_seconds)
+
+
+async def test_hung_item_times_out_and_pool_recovers() -> None:
+    with Grader(workers=2, timeout=2.0, grade_fn=_flaky_judge) as g:
+        items = [("\\boxed{5}", "5"), ("HANG", "5"), ("\\boxed{6}", "5"), ("\\boxed{7}", "7")]
+        start = time.monotonic()
+        assert await g.grade_batch(items) == [True, False, False, True]
+        assert time.monotonic() - start < 15
+        assert g.timeouts == 1 and g.restarts >= 1
+        # The recreated pool keeps working.
+        assert await g.grade_batch([("\\boxed{8}", "8")]) == [True]
+
+
+async def test_crashing_item_grades_false_and_others_survive() -> None:
+    with Grader(workers=2, timeout=10.0, grade_fn=_flaky_judge) as g:
+        items = [("\\boxed{1}", "1"), ("CRASH", "1"), ("\\boxed{2}", "2"), ("\\boxed{3}", "4")]
+        assert await g.grade_batch(items) == [True, False, True, False]
+        assert await g.grade_batch([("\\boxed{9}", "9")]) == [True]
+
+
+def test_grader_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        Grader(workers=0)
+    with pytest.raises(ValueError, match="timeout"):
+        Grader(timeout=0)
