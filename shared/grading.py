@@ -37,6 +37,8 @@ _ANSWER_PHRASE = re.compile(
     r"(?:####|(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)|answer\s*=)\s*:?\s*(.+?)(?:\n|$|\.\s|\.$)",
     re.IGNORECASE,
 )
+_TRAILING_WORDS = re.compile(r"(?<=[\d})\]])\s+[A-Za-z][A-Za-z\s]*$")
+_BOLD = re.compile(r"\\(?:textbf|mathbf|boldsymbol)\{([^{}]*)\}")
 _SCI_NOTATION = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])")
 
 
@@ -133,7 +135,8 @@ def extract_prediction(response: str) -> str | None:
     boxes = [b for b in _boxed_contents(response) if b]
     if boxes:
         return boxes[-1]
-    phrases = [_strip_dollars(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)]
+    # Plain words after a number or formula are units or prose ("12 apples"): keep the math part.
+    phrases = [_TRAILING_WORDS.sub("", _strip_dollars(m.group(1))) for m in _ANSWER_PHRASE.finditer(response)]
     phrases = [p for p in phrases if p]
     if phrases:
         return phrases[-1]
@@ -146,6 +149,7 @@ def extract_prediction(response: str) -> str | None:
 
 def _for_math_verify(answer: str) -> str:
     """Box an answer so math-verify's LaTeX extraction parses all of it; spell out `4.5e33` notation."""
+    answer = _BOLD.sub(r"\1", answer)
     answer = _SCI_NOTATION.sub(lambda m: f"{m.group(1)}\\times 10^{{{int(m.group(2))}}}", answer)
     return "\\boxed{" + answer + "}"
 
@@ -214,7 +218,7 @@ def strip_string(s: str) -> str:
         s,
     )
     s = re.sub(r"(?<=[\d}])\s*(?:" + _UNIT_WORDS + r")(\^\{?\d\}?)?\s*$", "", s)
-    s = re.sub(r"\\(?:text|mbox|mathrm|textbf)\{(.*?)\}", r"\1", s)
+    s = re.sub(r"\\(?:text|mbox|mathrm|textbf|mathbf|boldsymbol)\{(.*?)\}", r"\1", s)
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("°", "")
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
     s = s.replace("\\dots", "").replace("\\cdots", "").replace("\\ldots", "")
@@ -401,29 +405,39 @@ class Grader:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
         return self._pool
 
-    def _kill_pool(self) -> None:
-        """Kill the workers (a hung one ignores polite shutdown) and drop the pool."""
+    def _stop_pool(self, grace: float) -> None:
+        """Stop the workers, killing any still running after `grace` seconds (a hung one never exits)."""
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        processes = list(getattr(pool, "_processes", {}).values())
-        for p in processes:
-            p.kill()
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        if grace <= 0:
+            for p in processes:
+                p.kill()
         pool.shutdown(wait=False, cancel_futures=True)
         for p in processes:
-            p.join(timeout=5)
+            p.join(timeout=grace)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+    def _restart_pool(self) -> None:
+        self._stop_pool(grace=0)
         self.restarts += 1
 
     def close(self) -> None:
-        """Shut the worker processes down."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        """Shut the worker processes down (idle workers exit; busy ones are killed after a short grace)."""
+        self._stop_pool(grace=2.0)
 
     async def grade_batch(self, items: Sequence[tuple[str, str]], method: GradeMethod = "math_verify") -> list[bool]:
         """Grade (response_text, gold_answer) pairs; True means the response's final answer equals gold."""
         async with self._lock:  # one batch at a time owns the pool, so a restart never hits another batch
-            return await self._grade(items, method)
+            try:
+                return await self._grade(items, method)
+            except BaseException:
+                # Cancelled or failed mid-batch: workers may still be busy (or hung) on abandoned items.
+                self._restart_pool()
+                raise
 
     async def _grade(self, items: Sequence[tuple[str, str]], method: GradeMethod) -> list[bool]:
         results = [False] * len(items)
@@ -470,5 +484,5 @@ class Grader:
                         results[i] = False
                     else:
                         queue.appendleft(i)
-                self._kill_pool()
+                self._restart_pool()
         return results

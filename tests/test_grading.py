@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -196,7 +198,9 @@ def test_extract_gold(answer: str | None, solution: str | None, gold: str | None
         ("\\boxed{1} wait, no: \\boxed{2}", "2"),
         ("\\boxed{(1, 2)} and later \\boxed{", "(1, 2)"),
         ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
-        ("Thus the final answer is: 12 apples.\nDone", "12 apples"),
+        ("Thus the final answer is: 12 apples.\nDone", "12"),
+        ("So the answer is $\\frac{3}{4}$ cup of sugar", "\\frac{3}{4}"),
+        ("The answer is Evelyn.", "Evelyn"),
         ("Answer: -7", "-7"),
         ("blah\n#### 1,200", "1,200"),
         ("We have 3 cats and 4 dogs, so 12.5 legs", "12.5"),
@@ -245,8 +249,43 @@ async def test_crashing_item_grades_false_and_others_survive() -> None:
         assert await g.grade_batch([("\\boxed{9}", "9")]) == [True]
 
 
+async def test_cancelled_batch_does_not_leave_a_hung_worker() -> None:
+    g = Grader(workers=1, timeout=60.0, grade_fn=_flaky_judge)
+    task = asyncio.create_task(g.grade_batch([("HANG", "1")]))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await g.grade_batch([("\\boxed{2}", "2")]) == [True]
+    start = time.monotonic()
+    g.close()
+    assert time.monotonic() - start < 5
+
+
 def test_grader_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="workers"):
         Grader(workers=0)
     with pytest.raises(ValueError, match="timeout"):
         Grader(timeout=0)
+
+
+# (file, rows) — an expert solution must grade correct against the gold answer read from its own row.
+SELF_CONSISTENT = [
+    ("gsm8k/train.jsonl", 40),
+    ("benchmarks/math500/test.jsonl", 60),
+    ("benchmarks/minerva_math/test.jsonl", 60),
+    ("benchmarks/aime24/test.jsonl", 30),
+]
+
+
+@pytest.mark.parametrize("method", ["math_verify", "qwen"])
+@pytest.mark.parametrize(("name", "rows"), SELF_CONSISTENT, ids=[n for n, _ in SELF_CONSISTENT])
+async def test_expert_solutions_grade_correct(
+    grader: Grader, data_dir: Path, name: str, rows: int, method: GradeMethod
+) -> None:
+    from shared.dataio import read_problems
+
+    problems = read_problems(data_dir / name, None, limit=rows).problems
+    items = [(p.solution or "", p.answer or "") for p in problems]
+    assert len(items) == rows
+    assert await grader.grade_batch(items, method) == [True] * rows
