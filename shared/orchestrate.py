@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -62,9 +63,10 @@ class UpConfig(MindgapSettings):
     """The configuration of one `mindgap up` process (TOML file, MINDGAP_… env, CLI flags)."""
 
     data: Path = Field(description="problems to rewrite: JSONL/JSON/parquet, submitted as an online job")
-    fields: list[str] = Field(default_factory=list, description="field mapping, e.g. question=problem")
+    fields: dict[str, str] = Field(default_factory=dict, description="field mapping: canonical → source column")
+    params: dict[str, Any] = Field(default_factory=dict, description="stage parameters of the job (StageParams)")
     model: str = Field("default", description="HF id, local path or 'default': served and trained")
-    engine: Literal["vllm", "fake"] = Field("vllm", description="service inference backend (fake: tests)")
+    backend: Literal["vllm", "fake"] = Field("vllm", description="service inference engine (fake: tests)")
     nproc: int = Field(1, ge=1, description="trainer ranks (torchrun when > 1)")
     loss: str = Field("dft", description="trainer loss: sft | dft | is")
     checkpoint_every: int = Field(10, ge=1, description="trainer steps between published policy versions")
@@ -216,7 +218,7 @@ def _cli(*args: str) -> list[str]:
 
 def service_spec(cfg: UpConfig, port: int) -> ChildSpec:
     """`mindgap serve` for this loop (Redis URL, prefix and keys come through env from `run_up`)."""
-    argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--engine", cfg.engine)
+    argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--engine", cfg.backend)
     if cfg.service_config is not None:
         argv += ["--config", str(cfg.service_config)]
     return ChildSpec("service", argv)
@@ -233,15 +235,20 @@ def trainer_spec(cfg: UpConfig, checkpoint_dir: Path) -> ChildSpec:
 
 
 class Reload(BaseModel):
-    """One entry of the service's reload history."""
+    """One entry of the service's reload history (`/v1/policy`)."""
 
     model_config = ConfigDict(extra="ignore")
 
     version: int
-    at: float = Field(description="unix time the reload finished")
+    time: float = Field(description="unix time the reload finished")
     duration_s: float | None = None
-    ok: bool = True
+    outcome: str = Field("loaded", description="loaded | refused | failed")
     error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the service serves these weights now (or did, until a later version)."""
+        return self.outcome == "loaded"
 
 
 class PolicyView(BaseModel):
@@ -267,15 +274,13 @@ class ServiceApi:
         except httpx.TransportError:
             return False
 
-    async def submit_online(self, data: Path, fields: list[str], epochs: int | None) -> str:
+    async def submit_online(
+        self, data: Path, fields: dict[str, str], params: dict[str, Any], epochs: int | None
+    ) -> str:
         """Upload `data` as an online job (cycling until stopped, or `epochs` passes); return the job id."""
-        form: dict[str, Any] = {"mode": "online"}
-        if fields:
-            form["fields"] = fields
-        if epochs is not None:
-            form["epochs"] = str(epochs)
+        spec = {"mode": "online", "epochs": epochs, "fields": fields, "params": params, "name": "mindgap up"}
         with data.open("rb") as f:
-            resp = await self.http.post("/v1/jobs", data=form, files={"file": (data.name, f)})
+            resp = await self.http.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={"file": (data.name, f)})
         _raise_for(resp, "submitting the job")
         return str(resp.json()["id"])
 
@@ -283,8 +288,7 @@ class ServiceApi:
         """Examples per stage the job has produced so far."""
         resp = await self.http.get(f"/v1/jobs/{job_id}")
         _raise_for(resp, "reading the job status")
-        counts = resp.json().get("counts", {})
-        return {str(k): int(v) for k, v in counts.items() if k in ("self", "guided", "expert")}
+        return {str(k): int(v) for k, v in resp.json().get("examples", {}).items()}
 
     async def cancel(self, job_id: str) -> None:
         """Cancel the job (best effort: a job that already ended answers 409)."""
@@ -471,7 +475,7 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
             sup.start(ChildSpec(spec.name, spec.argv, {**spec.env, **env}))
         await _wait_until(api.ready, f"service {plan.service_url}/readyz", sup, stop, cfg.ready_timeout_s)
         start_version = (await api.policy()).version
-        job_id = await api.submit_online(cfg.data, cfg.fields, cfg.epochs)
+        job_id = await api.submit_online(cfg.data, cfg.fields, cfg.params, cfg.epochs)
         log.info("submitted %s as online job %s; serving policy v%d", cfg.data, job_id, start_version)
         while not stop.is_set():
             sup.check()

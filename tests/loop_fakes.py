@@ -73,10 +73,12 @@ def serve(args: argparse.Namespace) -> None:
                     published = int(r.hget(keys.policy, "version") or 0)
                     if published > state["version"]:
                         state["version"] = published
-                        state["history"].append({"version": published, "at": time.time(), "duration_s": 0.01})
+                        state["history"].append(
+                            {"version": published, "time": time.time(), "duration_s": 0.01, "outcome": "loaded"}
+                        )
                     self._json(200, state)
             elif re.fullmatch(r"/v1/jobs/[\w-]+", self.path):
-                self._json(200, {"id": "job-1", "counts": {"self": 3, "guided": 1, "expert": 1}})
+                self._json(200, {"id": "job-1", "examples": {"self": 3, "guided": 1, "expert": 1}})
             else:
                 self._json(404, {"detail": "not found"})
 

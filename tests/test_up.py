@@ -61,7 +61,8 @@ def test_stop_reaches_the_whole_process_group(tmp_path: Path) -> None:
     code = (
         "import subprocess, sys, time, pathlib;"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
-        f"pathlib.Path({str(pidfile)!r}).write_text(str(p.pid)); time.sleep(60)"
+        f"tmp = pathlib.Path({str(pidfile)!r} + '.tmp'); tmp.write_text(str(p.pid));"
+        f"tmp.rename({str(pidfile)!r}); time.sleep(60)"
     )
     with Supervisor(tmp_path / "logs", grace_s=5) as sup:
         child = sup.start(ChildSpec("worker", _py(code)))
@@ -116,11 +117,11 @@ def test_new_versions_counts_distinct_successful_loads_after_the_start() -> None
     view = PolicyView(
         version=4,
         history=[
-            Reload(version=1, at=1.0),
-            Reload(version=2, at=2.0, ok=False, error="no READY marker"),
-            Reload(version=3, at=3.0),
-            Reload(version=3, at=4.0),
-            Reload(version=4, at=5.0),
+            Reload(version=1, time=1.0),
+            Reload(version=2, time=2.0, outcome="refused", error="no READY marker"),
+            Reload(version=3, time=3.0),
+            Reload(version=3, time=4.0),
+            Reload(version=4, time=5.0),
         ],
     )
     assert new_versions(view, start_version=1) == [3, 4]
@@ -181,7 +182,7 @@ async def test_up_starts_redis_and_stops_after_max_versions(tmp_path: Path, reco
     assert [r.version for r in result.reloads][:2] == [1, 2]
     # the job went in as an online upload of the data file, and was cancelled at the end
     submitted = (record / "submitted").read_bytes()
-    assert b"online" in submitted and SAMPLE.read_bytes()[:40] in submitted
+    assert b'"mode": "online"' in submitted and SAMPLE.read_bytes()[:40] in submitted
     assert (record / "cancelled").exists()
     # every child stopped: the fakes exit 0 on SIGTERM, redis-server too
     assert result.exit_codes == {"trainer": 0, "service": 0, "redis": 0}

@@ -27,6 +27,9 @@ def up(
     checkpoint_every: int | None = typer.Option(None, help="trainer steps between policy versions"),
     loss: str | None = typer.Option(None, help="trainer loss: sft | dft | is"),
     epochs: int | None = typer.Option(None, help="passes over DATA (default: cycle until stopped)"),
+    k: int | None = typer.Option(None, "--k", help="self-samples per problem"),
+    resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
+    max_tokens: int | None = typer.Option(None, help="response length cap"),
     engine: str | None = typer.Option(None, "--engine", help="service backend: vllm (default) or fake"),
     host: str | None = typer.Option(None, help="service bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="service port (default: a free one)"),
@@ -41,21 +44,28 @@ def up(
     """Start Redis (unless MINDGAP_REDIS_URL is set), the service and the trainer; rewrite DATA online."""
     from pydantic import ValidationError
 
+    from shared.dataio import DataError, parse_field_specs
     from shared.orchestrate import OrchestrateError, UpConfig, UpPlan
 
     setup_logging(verbose)
     if not data.is_file():
         raise fail(f"DATA: no such file {data}")
+    try:
+        fields = parse_field_specs(field).mapped()
+    except DataError as exc:
+        raise fail(f"--field: {exc}") from None
+    params = {"k": k, "resolve_attempts": resolve_attempts, "max_tokens": max_tokens}
     cli: dict[str, Any] = {
         "data": data,
-        "fields": field or None,
+        "fields": fields or None,
+        "params": {key: v for key, v in params.items() if v is not None} or None,
         "model": model,
         "nproc": nproc,
         "max_versions": max_versions,
         "checkpoint_every": checkpoint_every,
         "loss": loss,
         "epochs": epochs,
-        "engine": engine,
+        "backend": engine,
         "host": host,
         "port": port,
         "key_prefix": key_prefix,
@@ -110,9 +120,9 @@ def _report(result: UpResult) -> None:
     for r in result.reloads:
         table.add_row(
             f"v{r.version}",
-            datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            datetime.fromtimestamp(r.time, UTC).strftime("%Y-%m-%d %H:%M:%S"),
             f"{r.duration_s:.2f}" if r.duration_s is not None else "-",
-            "loaded" if r.ok else f"refused: {r.error or 'failed'}",
+            r.outcome if r.ok else f"{r.outcome}: {r.error or '?'}",
         )
     Console(width=120).print(table)
     typer.echo(f"run folder {result.run_dir}")
