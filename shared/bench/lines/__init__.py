@@ -1,0 +1,1 @@
+"""The bench lines, one module each; every module exposes `run(ctx) -> LineResult`."""

@@ -1,0 +1,135 @@
+"""Rewrite and reload lines: both on one `VLLMEngine` with the real model, started once in a child process.
+
+rewrite: the pipeline's schedule (rounds, early stop of solved problems, guided re-solving only for the
+unsolved) against the naive schedule (`k` self samples and `resolve_attempts` guided samples for every
+problem, all in one batch), on the same GSM8K problems, interleaved repetition by repetition. Figures:
+generated tokens per final example, and wall time per batch.
+
+reload: `VLLMEngine.reload` of a checkpoint copy (another folder, as a trainer's would be) with the files
+dropped from the page cache first, against reading the same bytes from the disk (the floor any reload
+has), and against the cold start of a new engine (what a restart would cost instead).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from shared.bench.context import BenchContext
+from shared.bench.procs import run_worker
+from shared.bench.report import LineResult
+from shared.bench.stats import Row, summarize
+from shared.config import StageParams
+from shared.dataio import read_problems
+
+TIMEOUT_S = 3600
+
+
+def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"rewrite", "reload"})) -> LineResult:
+    """Measure the `parts` of {rewrite, reload} with one engine start."""
+    from shared.models import resolve_model
+
+    work = ctx.scratch("engine")
+    model_dir = Path(resolve_model(ctx.model))
+    model_name = model_dir.name
+    n_problems = 8 if ctx.quick else 32
+    # quick: two repetitions of each schedule; the spread is still reported
+    repeat = min(ctx.repeat, 2) if ctx.quick else ctx.repeat
+    params = StageParams(k=4, resolve_attempts=4, keep=1, rounds=2, max_tokens=256 if ctx.quick else 384)
+    problems = read_problems(ctx.gsm8k, limit=n_problems).problems
+    checkpoint = work / "checkpoint"
+    if "reload" in parts:
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        shutil.copytree(model_dir, checkpoint)
+    spec: dict[str, Any] = {
+        "engine": {"model": str(model_dir), "max_model_len": 2048, "kv_cache_gib": 2, "seed": 0},
+        "repeat": repeat,
+        "rewrite": "rewrite" in parts,
+        "problems": [p.model_dump() for p in problems],
+        "params": params.model_dump(mode="json"),
+        "reload": "reload" in parts,
+        "checkpoint": str(checkpoint),
+    }
+    spec_path = work / "engine.json"
+    spec_path.write_text(json.dumps(spec))
+    result_path = work / "engine.result.json"
+    result, _ = run_worker(
+        ["shared.bench.engine_worker", "engine", str(spec_path), str(result_path)],
+        result_path,
+        work / "engine.log",
+        TIMEOUT_S,
+    )
+    rows: list[Row] = []
+    if "rewrite" in parts:
+        rows += _rewrite_rows(result["rewrite"], params, n_problems, model_name)
+    if "reload" in parts:
+        rows += _reload_rows(result, model_name)
+    info = {k: v for k, v in spec.items() if k not in ("problems",)}
+    info |= {"create_s": result["create_s"], "cold_start_s": result["cold_start_s"], "raw": result}
+    return LineResult(name="+".join(sorted(parts)), rows=rows, info=info)
+
+
+def _rewrite_rows(runs: dict[str, list[dict[str, float]]], params: StageParams, n: int, model: str) -> list[Row]:
+    pipe, naive = runs["pipeline"], runs["naive"]
+    solved = [f"{r['self']:.0f} self / {r['guided']:.0f} guided" for r in pipe]
+    shape = f"{n} GSM8K problems, k={params.k}, resolve_attempts={params.resolve_attempts}, keep={params.keep}"
+    return [
+        Row(
+            line="rewrite",
+            metric="generated tokens per final example",
+            unit="tokens",
+            model=model,
+            mindgap=summarize([r["tokens"] / r["examples"] for r in pipe]),
+            baseline=summarize([r["tokens"] / r["examples"] for r in naive]),
+            baseline_name="naive: k + all re-solve attempts for every problem",
+            higher_is_better=False,
+            note=f"{shape}, {params.rounds} rounds per stage, max_tokens={params.max_tokens}; solved per run: "
+            + ", ".join(solved),
+        ),
+        Row(
+            line="rewrite",
+            metric="wall time per batch",
+            unit="s",
+            model=model,
+            mindgap=summarize([r["seconds"] for r in pipe]),
+            baseline=summarize([r["seconds"] for r in naive]),
+            baseline_name="naive schedule, one batch",
+            higher_is_better=False,
+            note="both include grading and scoring the kept examples; the naive schedule sends everything at once.",
+        ),
+    ]
+
+
+def _reload_rows(result: dict[str, Any], model: str) -> list[Row]:
+    reload = result["reload"]
+    size_mb = result["checkpoint_bytes"] / 1e6
+    rate = [result["checkpoint_bytes"] / 1e6 / s for s in reload["read_s"]]
+    cold = summarize(reload["cold_s"])
+    return [
+        Row(
+            line="reload",
+            metric="weight reload latency, page cache dropped",
+            unit="s",
+            model=model,
+            mindgap=cold,
+            baseline=summarize(reload["read_s"]),
+            baseline_name=f"reading the {size_mb:.0f} MB checkpoint from disk",
+            higher_is_better=False,
+            note=f"disk read {summarize(rate).median:,.0f} MB/s as measured; with the checkpoint in the page cache"
+            f" a reload took {summarize(reload['warm_s']).median:.2f} s.",
+        ),
+        Row(
+            line="reload",
+            metric="weight reload latency, page cache dropped",
+            unit="s",
+            model=model,
+            mindgap=cold,
+            baseline=summarize([result["cold_start_s"]]),
+            baseline_name="cold engine start (process, imports, load, warm-up)",
+            higher_is_better=False,
+            note=f"one cold start; VLLMEngine.create alone took {result['create_s']:.1f} s of it.",
+        ),
+    ]

@@ -1,0 +1,170 @@
+"""Trainer line: tokens/s of `mindgap train` against a bare PyTorch loop, TRL's SFTTrainer, and 2 ranks vs 1.
+
+Every contender trains SmolLM2 (the real model: its speed is the point) on the same token ids: GSM8K
+prompts through the chat template plus the reference solution, each sequence exactly `seq_len` tokens,
+so there is no padding and tokens/s means the same thing everywhere (batch × seq_len per step).
+`mindgap train` runs as the real command on a JSONL of expert records (DFT loss, fp32, ZeRO-2, one
+process) and reports each step's time in its metrics JSONL; the baselines run in their own processes.
+The first step of every run is the warm-up and is dropped. Peak RSS of `mindgap train` and of the bare
+loop feeds the memory line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.bench.context import BenchContext
+from shared.bench.procs import run_worker
+from shared.bench.report import LineResult
+from shared.bench.stats import Row, rate_stat, summarize
+from shared.dataio import atomic_write_jsonl, read_problems
+from shared.schema import ChatMessage, Example, Stage, example_id
+
+MODEL_NOTE = "SmolLM2-135M-Instruct"
+TIMEOUT_S = 3600
+
+
+def make_data(model_dir: Path, gsm8k: Path, n: int, seq_len: int) -> tuple[list[Example], list[dict[str, Any]]]:
+    """`n` expert records of exactly `seq_len` tokens (prompt + solution, repeated to fill) and their id lists."""
+    from transformers import AutoTokenizer
+
+    from shared.prompts import render_prompt_ids, solve_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    examples: list[Example] = []
+    items: list[dict[str, Any]] = []
+    for p in read_problems(gsm8k, limit=4 * n).problems:
+        if len(examples) == n:
+            break
+        prompt = solve_messages(p.question)
+        prompt_ids = render_prompt_ids(tokenizer, prompt)
+        room = seq_len - len(prompt_ids)
+        if room < 16 or not p.solution:
+            continue
+        solution_ids = tokenizer(p.solution, add_special_tokens=False)["input_ids"]
+        completion = (solution_ids * (room // len(solution_ids) + 1))[:room]
+        examples.append(
+            Example(
+                id=example_id("bench-train", p.id),
+                problem_id=p.id,
+                prompt=prompt,
+                completion=[ChatMessage(role="assistant", content=tokenizer.decode(completion))],
+                completion_token_ids=completion,
+                stage=Stage.EXPERT,
+                policy_version=0,
+                behavior_logprobs=None,
+                target_logprobs=[0.0] * room,
+                answer=p.answer,
+                grade="reference",
+            )
+        )
+        items.append({"input_ids": prompt_ids + completion, "n_prompt": len(prompt_ids)})
+    if len(examples) < n:
+        raise RuntimeError(f"only {len(examples)} GSM8K problems fit {seq_len} tokens; {n} needed")
+    return examples, items
+
+
+def mindgap_train(
+    work: Path, name: str, data: Path, model_dir: Path, batch: int, steps: int, seq_len: int, nproc: int
+) -> tuple[dict[str, Any], float]:
+    """Run `mindgap train` on `data`; its per-step seconds and tokens from the metrics JSONL, and peak RSS (GiB)."""
+    metrics = work / f"{name}.metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    args = [
+        sys.executable, "-m", "shared.cli", "train",
+        "--source", str(data), "--model", str(model_dir), "--loss", "dft", "--precision", "fp32",
+        "--zero-stage", "2", "--nproc", str(nproc), "--batch-size", str(batch),
+        "--micro-batch-size", str(batch // nproc), "--max-steps", str(steps), "--max-seq-len", str(seq_len),
+        "--checkpoint-dir", str(work / f"{name}.ckpt"), "--checkpoint-every", str(10 * steps),
+        "--no-resume", "--no-publish", "--metrics-jsonl", str(metrics), "--warmup-steps", "0",
+    ]  # fmt: skip
+    result_path = work / f"{name}.result.json"
+
+    # `mindgap train` writes no result file of its own: its metrics JSONL is turned into one afterwards.
+    def collect() -> None:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        seconds = [r["tokens"] / r["tokens_per_s"] for r in rows]
+        result_path.write_text(json.dumps({"seconds": seconds, "tokens": [r["tokens"] for r in rows]}))
+
+    env = {"DS_ACCELERATOR": "cpu"} if not _has_cuda() else {}
+    return run_worker(args, result_path, work / f"{name}.log", TIMEOUT_S, env=env, python_module=False, after=collect)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def timed(result: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Tokens and seconds of every step but the first (the warm-up)."""
+    tokens, seconds = result["tokens"][1:], result["seconds"][1:]
+    if not seconds:
+        raise RuntimeError("a trainer run reported fewer than two steps; nothing is left after the warm-up")
+    return [float(t) for t in tokens], [float(s) for s in seconds]
+
+
+def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"trainer"})) -> LineResult:
+    """Measure the trainer line and the trainer half of the memory line."""
+    from shared.models import resolve_model
+
+    work = ctx.scratch("trainer")
+    model_dir = Path(resolve_model(ctx.model))
+    seq_len, batch = (128, 2) if ctx.quick else (256, 4)
+    steps = ctx.repeat + 1
+    slow_steps = 3 if ctx.quick else steps  # TRL with its defaults runs ~10× slower here
+    examples, items = make_data(model_dir, ctx.gsm8k, batch * steps, seq_len)
+    data = work / "examples.jsonl"
+    atomic_write_jsonl(data, examples)
+    base_spec = {"model": str(model_dir), "items": items, "batch": batch, "steps": steps, "seq_len": seq_len}
+
+    def worker(kind: str, name: str, **extra: Any) -> tuple[dict[str, Any], float]:
+        spec_path = work / f"{name}.json"
+        spec_path.write_text(json.dumps({**base_spec, "output_dir": str(work / f"{name}.out"), **extra}))
+        result = work / f"{name}.result.json"
+        return run_worker(
+            ["shared.bench.train_worker", kind, str(spec_path), str(result)], result, work / f"{name}.log", TIMEOUT_S
+        )
+
+    ours, ours_rss = mindgap_train(work, "mindgap-1", data, model_dir, batch, steps, seq_len, nproc=1)
+    bare, bare_rss = worker("bare", "bare")
+    trl_matched, _ = worker("trl", "trl-matched", variant="matched")
+    trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
+    two, two_rss = mindgap_train(work, "mindgap-2", data, model_dir, batch, steps, seq_len, nproc=2)
+
+    mine = rate_stat(*timed(ours))
+    shape = f"batch {batch} × {seq_len} tokens, DFT loss, AdamW, fp32, one process on {'GPU' if _has_cuda() else 'CPU'}"
+    rows = [
+        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+            baseline=rate_stat(*timed(bare)), baseline_name="bare PyTorch loop (forward, CE, backward, AdamW)",
+            target=0.9, note=f"{shape}; mindgap through DeepSpeed ZeRO-2, reading a JSONL source, with its metrics."),
+        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+            baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
+            target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
+        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+            baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
+            target=1.0, note=f"TRL as configured out of the box; {slow_steps - 1} timed steps."),
+        Row(line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=MODEL_NOTE,
+            mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank",
+            note=f"same global batch {batch}; torchrun (gloo) on {os.cpu_count()} CPU cores shared by the ranks."),
+        Row(line="memory", metric="peak RSS, trainer process tree", unit="GiB", model=MODEL_NOTE,
+            mindgap=summarize([ours_rss]), baseline=summarize([bare_rss]), baseline_name="bare PyTorch loop",
+            higher_is_better=False, note="one sample each over the whole run (model load included)."),
+    ]  # fmt: skip
+    return LineResult(
+        name="trainer",
+        rows=rows,
+        info={
+            "seq_len": seq_len,
+            "batch": batch,
+            "steps": steps,
+            "trl_defaults": {k: trl_default[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")},
+            "trl_matched": {k: trl_matched[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")},
+            "torch_threads": bare["torch_threads"],
+            "rss_gib": {"mindgap_1": ours_rss, "mindgap_2": two_rss, "bare": bare_rss},
+        },
+    )
