@@ -1,0 +1,138 @@
+"""DeepSpeed set-up: process group, ZeRO config from TrainerConfig, model + AdamW + warm-up/cosine schedule.
+
+On CPU DeepSpeed runs with `DS_ACCELERATOR=cpu` over gloo; on GPUs over NCCL, one rank per device. The
+optimizer is torch's AdamW handed to DeepSpeed (ZeRO wraps and partitions it), so the same code runs
+where DeepSpeed's fused/CPU-Adam extensions cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.config import TrainerConfig
+
+log = logging.getLogger("mindgap.trainer.engine")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 reads data, writes checkpoints and talks to Redis."""
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group (or make a one-rank group when started without torchrun)."""
+    if "RANK" not in os.environ:
+        # A plain `python -m trainer` run: a group of one, so the code path is the same as under torchrun.
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    if not cuda:
+        # DeepSpeed picks its accelerator at import; it must not probe for GPUs that are not there.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank, device)
+
+
+def ds_config(cfg: TrainerConfig, world: int, inference: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config for `cfg` on `world` ranks (`inference`: a frozen model, no optimizer)."""
+    accum = cfg.grad_accum_for(world)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # Lets the checkpoint writer gather full weights on rank 0 for the HF folder.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if inference:
+        # Only ZeRO-3 changes anything for a model without an optimizer: its weights are partitioned too.
+        zero = {"stage": 3 if cfg.zero_stage == 3 else 0}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.micro_batch_size * accum * world,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        # torch's AdamW is not on DeepSpeed's list of ZeRO-tested optimizers, but ZeRO wraps any torch optimizer.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_model(path: str, cfg: TrainerConfig, config: dict[str, Any]) -> Any:
+    """The HF causal LM at `path` in float32 (DeepSpeed casts to bf16); partitioned at load under ZeRO-3."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig  # type: ignore[attr-defined]
+
+    # While this object lives, from_pretrained builds the model inside deepspeed.zero.Init under ZeRO-3,
+    # so no rank ever holds the whole model.
+    hf_ds = HfDeepSpeedConfig(config) if config["zero_optimization"]["stage"] == 3 else None  # type: ignore[no-untyped-call]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    del hf_ds
+    return model
+
+
+def build_engine(cfg: TrainerConfig, path: str, dist: Dist) -> Any:
+    """The DeepSpeed engine training the model at `path` with AdamW and the warm-up/cosine schedule."""
+    import deepspeed
+
+    config = ds_config(cfg, dist.world)
+    model = load_model(path, cfg, config)
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine
+
+
+def build_reference(cfg: TrainerConfig, path: str, dist: Dist) -> Any:
+    """The frozen KL reference: a DeepSpeed engine without optimizer (ZeRO-3 partitions it like the policy)."""
+    import deepspeed
+
+    config = ds_config(cfg, dist.world, inference=True)
+    model = load_model(path, cfg, config)
+    model.requires_grad_(False)
+    model.eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
