@@ -105,6 +105,8 @@ def _jsonl_rows(lines: Iterable[bytes | str]) -> Iterator[RowItem]:
         except UnicodeDecodeError as e:
             yield number, ValueError(f"not UTF-8 text ({e.reason})")
             continue
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark from some editors
         if not text.strip():
             continue
         try:
@@ -171,7 +173,7 @@ def iter_rows(path: str | Path, split: str | None = None) -> Iterator[RowItem]:
     if suffix in (".parquet", ".pq"):
         return _parquet_rows(p)
     if suffix == ".json":
-        return _json_rows(p.read_text(encoding="utf-8", errors="replace"), str(p))
+        return _json_rows(p.read_text(encoding="utf-8-sig", errors="replace"), str(p))
 
     def lines() -> Iterator[RowItem]:
         with p.open("rb") as f:
@@ -189,7 +191,7 @@ def parse_upload(data: bytes, filename: str) -> Iterator[RowItem]:
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataError(f"{filename}: not a readable parquet file ({e})") from None
     if suffix == ".json":
-        return _json_rows(data.decode("utf-8", errors="replace"), filename)
+        return _json_rows(data.decode("utf-8-sig", errors="replace"), filename)
     return _jsonl_rows(data.splitlines())
 
 

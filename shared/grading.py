@@ -21,6 +21,7 @@ import asyncio
 import math
 import multiprocessing
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -130,14 +131,22 @@ def extract_gold(answer: str | None, solution: str | None) -> str | None:
     return None
 
 
+def _phrase_answer(captured: str) -> str:
+    """The answer part of an "answer is …" capture, unwrapping nested phrases and markdown emphasis."""
+    text = captured.strip().strip("*").strip()
+    inner = _ANSWER_PHRASE.search(text)  # "Final Answer: The final answer is $5$."
+    if inner and inner.group(1).strip() != text:
+        return _phrase_answer(inner.group(1))
+    # Plain words after a number or formula are units or prose ("12 apples"): keep the math part.
+    return _TRAILING_WORDS.sub("", _strip_dollars(text)).strip("*").strip()
+
+
 def extract_prediction(response: str) -> str | None:
     """The model's final answer: last `\\boxed{}`, else an "answer is"/"####" phrase, else the last number."""
     boxes = [b for b in _boxed_contents(response) if b]
     if boxes:
         return boxes[-1]
-    # Plain words after a number or formula are units or prose ("12 apples"): keep the math part.
-    phrases = [_TRAILING_WORDS.sub("", _strip_dollars(m.group(1))) for m in _ANSWER_PHRASE.finditer(response)]
-    phrases = [p for p in phrases if p]
+    phrases = [p for p in (_phrase_answer(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)) if p]
     if phrases:
         return phrases[-1]
     numbers = re.findall(_NUMBER, response)
@@ -154,9 +163,12 @@ def _for_math_verify(answer: str) -> str:
     return "\\boxed{" + answer + "}"
 
 
-def answers_match(pred: str, gold: str, timeout_seconds: int = 5) -> bool:
-    """Whether `pred` equals `gold` under math-verify (in this process: call it from a main thread)."""
+def answers_match(pred: str, gold: str, timeout_seconds: int | None = 5) -> bool:
+    """Whether `pred` equals `gold` under math-verify, in this process (use `Grader` for untrusted input)."""
     from math_verify import parse, verify
+
+    if threading.current_thread() is not threading.main_thread():
+        timeout_seconds = None  # signal.alarm only works in the main thread; the caller bounds the time
 
     if _normalize_text(pred) == _normalize_text(gold) and _normalize_text(gold):
         return True

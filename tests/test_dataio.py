@@ -206,6 +206,14 @@ def test_hf_datasets_folder(tmp_path: Path) -> None:
         read_problems(tmp_path / "ambiguous", None)
 
 
+def test_byte_order_mark_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in ROWS) + b"\r\n")
+    _check_rows(path)
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS).encode())
+    _check_rows(tmp_path / "bom.json")
+
+
 def test_upload_jsonl_lines(tmp_path: Path) -> None:
     data = "\n".join(BAD_JSONL).encode()
     items = list(parse_upload(data, "up.jsonl"))

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,11 @@ def test_answers_match_in_process() -> None:
     assert not answers_match("\\frac{1}{3}", "0.5")
 
 
+def test_answers_match_from_a_thread() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(answers_match, "\\frac{1}{2}", "0.5").result() is True
+
+
 # ---------------------------------------------------------------------------------------- extraction
 
 
@@ -201,6 +207,8 @@ def test_extract_gold(answer: str | None, solution: str | None, gold: str | None
         ("Thus the final answer is: 12 apples.\nDone", "12"),
         ("So the answer is $\\frac{3}{4}$ cup of sugar", "\\frac{3}{4}"),
         ("The answer is Evelyn.", "Evelyn"),
+        ("**Answer:** 15", "15"),
+        ("Final Answer: The final answer is $-2$. I hope it is correct.", "-2"),
         ("Answer: -7", "-7"),
         ("blah\n#### 1,200", "1,200"),
         ("We have 3 cats and 4 dogs, so 12.5 legs", "12.5"),

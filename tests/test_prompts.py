@@ -159,7 +159,7 @@ def _default_tokenizer() -> Any:
     return transformers.AutoTokenizer.from_pretrained(folder)
 
 
-@pytest.fixture(params=["tiny-chatml", "default-model"])
+@pytest.fixture(scope="module", params=["tiny-chatml", "default-model"])
 def tokenizer(request: pytest.FixtureRequest) -> Any:
     return _tiny_chatml_tokenizer() if request.param == "tiny-chatml" else _default_tokenizer()
 
