@@ -366,6 +366,12 @@ def grade_response(response: str, gold: str, method: GradeMethod = "math_verify"
 
 GradeFn = Callable[[str, str, GradeMethod, int], bool]
 
+WORKER_START_TIMEOUT = 120.0
+
+
+def _worker_ready() -> bool:
+    return True
+
 
 def _mp_context() -> multiprocessing.context.BaseContext:
     # forkserver: safe with threads in the parent (vLLM, asyncio) and fast to re-create after a kill,
@@ -412,9 +418,17 @@ class Grader:
     ) -> None:
         self.close()
 
-    def _ensure_pool(self) -> ProcessPoolExecutor:
+    async def _ensure_pool(self) -> ProcessPoolExecutor:
+        """The pool, started and warm: worker start-up (seconds on a busy machine) never eats an item's time."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+            pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+            self._pool = pool
+            warmups = [asyncio.wrap_future(pool.submit(_worker_ready)) for _ in range(self.workers)]
+            try:
+                await asyncio.wait_for(asyncio.gather(*warmups), WORKER_START_TIMEOUT)
+            except (TimeoutError, BrokenProcessPool) as e:
+                self._stop_pool(grace=0)
+                raise RuntimeError(f"grader workers did not start within {WORKER_START_TIMEOUT:.0f}s") from e
         return self._pool
 
     def _stop_pool(self, grace: float) -> None:
@@ -461,11 +475,10 @@ class Grader:
                 suspect = strikes[queue[0]] > 0
                 if inflight and (suspect or any(strikes[i] for i, _ in inflight.values())):
                     break  # items that once broke the pool run alone
+                pool = await self._ensure_pool()
                 i = queue.popleft()
                 response, gold = items[i]
-                cfut: Future[bool] = self._ensure_pool().submit(
-                    self._grade_fn, response, gold, method, self._inner_timeout
-                )
+                cfut: Future[bool] = pool.submit(self._grade_fn, response, gold, method, self._inner_timeout)
                 inflight[asyncio.wrap_future(cfut)] = (i, time.monotonic() + self.timeout)
             wait_for = max(0.0, min(deadline for _, deadline in inflight.values()) - time.monotonic())
             done, _ = await asyncio.wait(inflight, timeout=wait_for, return_when=asyncio.FIRST_COMPLETED)
