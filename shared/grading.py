@@ -258,18 +258,18 @@ def _normalize_text(s: str) -> str:
 
 def _to_number(s: str) -> float | None:
     """A float for a plain number, a percentage or a constant LaTeX expression; None otherwise."""
-    t = s  # thousands separators are gone after strip_string; a comma here separates answers
+    # Thousands separators are gone after strip_string: a comma here separates answers.
     try:
-        return float(t)
+        return float(s)
     except ValueError:
         pass
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", t)
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(\d+(?:\.\d+)?)\}", s)
     if m and float(m.group(3)) != 0:
         return (-1 if m.group(1) else 1) * float(m.group(2)) / float(m.group(3))
     try:
         from latex2sympy2_extended import latex2sympy
 
-        expr = latex2sympy(t)
+        expr = latex2sympy(s)
         if getattr(expr, "free_symbols", {1}):
             return None
         value = complex(expr.evalf())
@@ -299,13 +299,15 @@ def _numbers_equal(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9)
 
 
-def _qwen_equal(pred: str, gold: str, depth: int) -> bool:
+def _qwen_equal(pred: str, gold: str, depth: int, percent: bool) -> bool:
     if pred == gold:
         return True
     gold_num, pred_num = _to_number(gold), _to_number(pred)
     if gold_num is not None and pred_num is not None:
-        # A percentage may be written as 20 or 0.2: accept either scaling of the gold answer.
-        return any(_numbers_equal(pred_num, g) for g in (gold_num, gold_num / 100, gold_num * 100))
+        # A percentage may be written as 20 or 0.2. Qwen accepts both scalings always; only doing so when
+        # a % was written avoids passing 2 for 200.
+        scales = (1.0, 0.01, 100.0) if percent else (1.0,)
+        return any(_numbers_equal(pred_num, gold_num * k) for k in scales)
     if depth > 3:
         return False
     brackets = re.fullmatch(r"([(\[])(.*)([)\]])", pred), re.fullmatch(r"([(\[])(.*)([)\]])", gold)
@@ -314,7 +316,7 @@ def _qwen_equal(pred: str, gold: str, depth: int) -> bool:
         p_parts, g_parts = _split_top_level(pin), _split_top_level(gin)
         # Intervals and tuples compare elementwise; the bracket kinds must agree ((3,4] is not (3,4)).
         if len(p_parts) == len(g_parts) > 1 and (po, pc) == (go, gc):
-            return all(_qwen_equal(p, g, depth + 1) for p, g in zip(p_parts, g_parts, strict=True))
+            return all(_qwen_equal(p, g, depth + 1, percent) for p, g in zip(p_parts, g_parts, strict=True))
         if len(p_parts) == len(g_parts) > 1:
             return False
     p_parts, g_parts = _split_top_level(pred), _split_top_level(gold)
@@ -322,7 +324,7 @@ def _qwen_equal(pred: str, gold: str, depth: int) -> bool:
         # Unbracketed lists of answers ("1, 3, 5"): equal as multisets.
         remaining = list(g_parts)
         for p in p_parts:
-            hit = next((g for g in remaining if _qwen_equal(p, g, depth + 1)), None)
+            hit = next((g for g in remaining if _qwen_equal(p, g, depth + 1, percent)), None)
             if hit is None:
                 return False
             remaining.remove(hit)
@@ -344,11 +346,15 @@ def _symbolic_equal(pred: str, gold: str) -> bool:
 
 
 def qwen_math_equal(pred: str, gold: str) -> bool:
-    """Qwen2.5-Math-style equivalence: `strip_string` both, then string, numeric, elementwise, symbolic."""
+    """Qwen2.5-Math-style equivalence: `strip_string` both, then string, numeric, elementwise, symbolic.
+
+    The symbolic step runs sympy without a time limit: grade untrusted text through `Grader(method="qwen")`.
+    """
     p, g = strip_string(pred), strip_string(gold)
     if not p or not g:
         return False
-    return p.lower() == g.lower() or _qwen_equal(p, g, 0)
+    percent = any("%" in x or "percent" in x for x in (pred, gold))
+    return p.lower() == g.lower() or _qwen_equal(p, g, 0, percent)
 
 
 # ------------------------------------------------------------------------------------------- the pool

@@ -69,22 +69,21 @@ def guided_messages(
     hint_fraction: float,
 ) -> list[ChatMessage]:
     """The guided prompt `guide(q, s*, a*, mode)`; `solution`/`hint` fall back to `answer` without a solution."""
-    if mode in ("solution", "hint") and not (solution and solution.strip()):
+    solution = (solution or "").strip()
+    answer = (answer or "").strip()
+    if mode in ("solution", "hint") and not solution:
         mode = "answer"
-    if mode == "answer" and not (answer and answer.strip()):
-        raise ValueError("guided prompt needs a reference solution or a gold answer")
     if mode == "solution":
-        assert solution is not None
-        guidance = f"Reference solution (for your eyes only):\n{solution.strip()}"
+        guidance = f"Reference solution (for your eyes only):\n{solution}"
         what = "reference solution"
     elif mode == "hint":
-        assert solution is not None
         guidance = f"Hint (the beginning of a reference solution):\n{hint_prefix(solution, hint_fraction)}"
         what = "hint"
-    else:
-        assert answer is not None
-        guidance = f"The correct final answer is: {answer.strip()}"
+    elif answer:
+        guidance = f"The correct final answer is: {answer}"
         what = "given answer"
+    else:
+        raise ValueError("guided prompt needs a reference solution or a gold answer")
     content = f"Problem:\n{question.strip()}\n\n{guidance}\n\n" + GUIDED_INSTRUCTION.format(what=what)
     return [ChatMessage(role="user", content=content)]
 

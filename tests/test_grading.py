@@ -60,6 +60,8 @@ PAIRS: list[tuple[str, str, bool]] = [
     # percentages and degrees
     ("10\\%", "10", True),
     ("10\\%", "20\\%", False),
+    ("20\\%", "0.2", True),
+    ("2", "200", False),
     ("90^\\circ", "90", True),
     ("90^\\circ", "90^{\\circ}", True),
     ("30^\\circ", "60^\\circ", False),
