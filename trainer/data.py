@@ -107,7 +107,7 @@ def collate(items: Sequence[TrainItem], pad_id: int, zero_weight: bool = False) 
         attention[i, : len(it.input_ids)] = 1
         # Logits at position j predict token j+1: the first completion token is predicted at n_prompt-1.
         start, end = it.n_prompt - 1, len(it.input_ids) - 1
-        mask[i, start:end] = 1.0
+        mask[i, start:end] = 0.0 if zero_weight else 1.0
         if it.behavior is not None:
             behavior[i, start:end] = torch.tensor(it.behavior)
     weights = torch.tensor([0.0 if zero_weight else it.weight for it in items])
