@@ -40,6 +40,7 @@ from shared.streams import group_lag
 log = logging.getLogger("mindgap.up")
 
 TRAINER_RUN = "up"
+UNREACHABLE_S = 60.0
 
 
 class OrchestrateError(Exception):
@@ -477,22 +478,29 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
         start_version = (await api.policy()).version
         job_id = await api.submit_online(cfg.data, cfg.fields, cfg.params, cfg.epochs)
         log.info("submitted %s as online job %s; serving policy v%d", cfg.data, job_id, start_version)
+        unreachable_since: float | None = None
         while not stop.is_set():
             sup.check()
-            view = await api.policy()
-            reloads = [h for h in view.history if h.version > start_version]
-            step, loss, published = await read_trainer(r, keys, TRAINER_RUN)
-            on_status(
-                LoopStatus(
+            try:
+                view = await api.policy()
+                status = LoopStatus(
                     elapsed_s=time.monotonic() - started,
                     served_version=view.version,
-                    published_version=published,
                     stages=await api.stage_counts(job_id),
-                    step=step,
-                    loss=loss,
-                    lag=await group_lag(r, keys.examples, TRAINER_GROUP) if await r.exists(keys.examples) else None,
                 )
-            )
+                status.step, status.loss, status.published_version = await read_trainer(r, keys, TRAINER_RUN)
+                if await r.exists(keys.examples):
+                    status.lag = await group_lag(r, keys.examples, TRAINER_GROUP)
+                unreachable_since = None
+            except (httpx.TransportError, RedisError, OSError) as exc:
+                # a dying child shows up in sup.check() next round; anything else gets a grace period
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_S:
+                    raise OrchestrateError(f"service or Redis unreachable for {UNREACHABLE_S:.0f}s: {exc}") from exc
+                await asyncio.sleep(0.5)
+                continue
+            reloads = [h for h in view.history if h.version > start_version]
+            on_status(status)
             if cfg.max_versions is not None and len(new_versions(view, start_version)) >= cfg.max_versions:
                 reason = "max-versions"
                 break

@@ -28,6 +28,7 @@ import redis
 from shared.keys import Keys
 from shared.orchestrate import ChildSpec, Supervisor, free_port
 from shared.schema import Example
+from tests.fixtures.redis import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.redis]
 
@@ -101,7 +102,12 @@ def _probe(http: httpx.Client) -> tuple[int, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def loop(tiny_model_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopRun]:
+def loop(
+    tiny_model_dir: Path, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LoopRun]:
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    redis_url = redis_server.url
     prefix = f"e2e-{os.getpid()}"
     keys = Keys(prefix)
     work = tmp_path_factory.mktemp("loop")

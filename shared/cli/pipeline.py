@@ -81,6 +81,7 @@ def up(
     cfg.log_resolved(log)
     plan = UpPlan.from_config(cfg)
     typer.echo(f"run folder {plan.run_dir} (logs in {plan.run_dir / 'logs'})")
+    typer.echo(f"service {plan.service_url} (bearer key in {plan.run_dir / 'api_key'})")
     try:
         result = asyncio.run(_run_live(plan))
     except OrchestrateError as exc:
