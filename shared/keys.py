@@ -49,6 +49,24 @@ class Keys:
         """List of row-level errors of a job (JSON)."""
         return f"{self.prefix}:job:{job_id}:errors"
 
+    def job_tasks(self, job_id: str) -> str:
+        """Stream of one job's problem chunks (consumer group ``rewriters``): one stream per job, so a
+        replica can take chunks round-robin across jobs."""
+        return f"{self.prefix}:tasks:{job_id}"
+
+    def job_versions(self, job_id: str) -> str:
+        """Set of policy versions that made a job's examples."""
+        return f"{self.prefix}:job:{job_id}:versions"
+
+    def job_chunk_errors(self, job_id: str) -> str:
+        """Hash task-entry id → last processing error, the reason given when it is dead-lettered."""
+        return f"{self.prefix}:job:{job_id}:chunk_errors"
+
+    @property
+    def active_jobs(self) -> str:
+        """Set of ids of jobs that still have chunks to run (queued or running)."""
+        return f"{self.prefix}:jobs:active"
+
     @property
     def policy(self) -> str:
         """Hash with the current policy ``version`` and checkpoint ``path``."""

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.paths",
     "tests.fixtures.redis",
     "tests.fixtures.models",
+    "tests.fixtures.service",
 ]

@@ -1,0 +1,1 @@
+"""The service's HTTP layer: one router per resource, request/response models, typed dependencies."""

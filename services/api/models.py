@@ -1,0 +1,174 @@
+"""Request and response models of the `/v1` API, shared by the routers and the Python client (pydantic only)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.config import StageParams
+from shared.schema import Example
+
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+FINISHED_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+JobMode = Literal["once", "online"]
+
+
+class JobSpec(BaseModel):
+    """How to read and rewrite a job's rows (the `spec` form field of an upload, or part of a JSON body)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"fields": {"question": "problem"}, "params": {"k": 2, "max_tokens": 256}, "mode": "once"}]
+        },
+    )
+
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="field mapping: target field → column, e.g. {'question': 'problem'}"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="stage parameters overriding the service defaults (see StageParams)"
+    )
+    mode: JobMode = Field("once", description="once: each problem once; online: cycle the dataset for `epochs`")
+    epochs: int | None = Field(
+        None, ge=1, description="online jobs: passes over the dataset (none: until cancelled); once: 1"
+    )
+    name: str | None = Field(None, max_length=200, description="free-form label shown in listings")
+
+    @model_validator(mode="after")
+    def _epochs_fit_mode(self) -> JobSpec:
+        if self.mode == "once" and self.epochs not in (None, 1):
+            raise ValueError("epochs: a 'once' job runs exactly one epoch; use mode 'online' to cycle")
+        return self
+
+
+class JobRequest(JobSpec):
+    """A JSON job request: a server-side `path` under the allowed root, or inline `rows`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"rows": [{"question": "What is 2+3?", "answer": "5"}], "params": {"k": 2}},
+                {"path": "gsm8k/train.jsonl", "fields": {"question": "question"}, "mode": "online", "epochs": 3},
+            ]
+        },
+    )
+
+    path: str | None = Field(None, description="file under the service's allowed root (JSONL, JSON, parquet)")
+    rows: list[dict[str, Any]] | None = Field(None, description="problems inline, one object per row")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobRequest:
+        if (self.path is None) == (self.rows is None):
+            raise ValueError("give exactly one of 'path' and 'rows' (or upload a file as multipart)")
+        return self
+
+
+class RowError(BaseModel):
+    """One rejected input row."""
+
+    line: int
+    message: str
+
+
+class JobCreated(BaseModel):
+    """The answer to a job submission."""
+
+    id: str
+    state: JobState
+    problems: int = Field(description="problems accepted")
+    rows_rejected: int = Field(description="input rows rejected (see `errors` in the job status)")
+    chunks: int
+    errors: list[RowError] = Field(default_factory=list, description="the first rejected rows")
+
+
+class JobStatus(BaseModel):
+    """A job's state, progress and counters (over all epochs of an online job)."""
+
+    id: str
+    name: str | None = None
+    state: JobState
+    mode: JobMode
+    epochs: int | None = Field(description="none: until cancelled")
+    epoch: int = Field(description="the epoch being worked on (0-based)")
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    problems: int
+    rows_rejected: int
+    chunks: int = Field(description="chunks per epoch")
+    chunks_done: int
+    chunks_failed: int
+    problems_done: int
+    progress: float | None = Field(description="share of the work done; none for an open-ended online job")
+    stages: dict[str, int] = Field(description="problems whose examples came from each stage")
+    dropped: int = Field(description="problems that yielded no example")
+    ungradable: int = Field(description="problems without a gold answer (expert fallback)")
+    examples: dict[str, int] = Field(description="examples per stage")
+    examples_total: int
+    generated_tokens: int
+    policy_versions: list[int] = Field(description="policy versions that made this job's examples")
+    errors: list[RowError] = Field(description="rejected rows with their line numbers (first 100)")
+    error: str | None = Field(None, description="why chunks failed (dead-lettered), if any did")
+    params: StageParams
+    fields: dict[str, str]
+
+
+class JobList(BaseModel):
+    """Jobs, newest first."""
+
+    jobs: list[JobStatus]
+
+
+class RewriteRequest(BaseModel):
+    """A synchronous rewrite of a few rows."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"rows": [{"question": "What is 4+4?", "answer": "8"}], "params": {"k": 2}}]},
+    )
+
+    rows: list[dict[str, Any]] = Field(min_length=1)
+    fields: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewriteResponse(BaseModel):
+    """Examples made from a synchronous rewrite, with per-stage counts."""
+
+    policy_version: int
+    examples: list[Example]
+    stages: dict[str, int]
+    dropped: int
+
+
+class ReloadRecord(BaseModel):
+    """One weight reload attempt."""
+
+    time: float
+    version: int
+    path: str
+    duration_s: float
+    outcome: Literal["loaded", "refused", "failed"]
+    error: str | None = None
+    source: Literal["startup", "event", "poll", "admin"]
+
+
+class PolicyStatus(BaseModel):
+    """The policy this replica serves and its reload history (newest last)."""
+
+    version: int
+    path: str | None
+    reloading: bool
+    history: list[ReloadRecord]
+
+
+class ReloadRequest(BaseModel):
+    """Force a reload of a checkpoint folder (admin)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"path": "/ckpt/v3", "version": 3}]})
+
+    path: str = Field(min_length=1, description="checkpoint folder with a READY marker")
+    version: int | None = Field(None, ge=0, description="default: from a 'v<N>' folder name, else current + 1")
