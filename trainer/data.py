@@ -8,7 +8,10 @@ too long) are dead-lettered (Redis) or logged with their line (file), and readin
 Delivery contract (Redis): entries stay pending in the group until `commit()` acknowledges them, which
 the training loop calls only after a checkpoint containing their updates is published. On restart the
 source first replays this consumer's pending entries (XREADGROUP from id 0), skipping those the resumed
-checkpoint already includes, then reads new ones (`>`).
+checkpoint already includes, then reads new ones (`>`). Redis outages are waited out with backoff
+(`shared.retry`); since a read whose reply was lost to a timeout still moved its entries into this
+consumer's pending list, every idle poll replays the pending list again, skipping the entries already
+handed to the loop, so no entry is stranded until the next restart.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 from shared.dataio import read_examples
 from shared.keys import TRAINER_GROUP, Keys
 from shared.prompts import render_prompt_ids
+from shared.retry import async_redis, retry_async
 from shared.schema import Example
 
 log = logging.getLogger("mindgap.trainer.data")
@@ -206,8 +210,6 @@ class RedisSource:
         already_trained: Collection[str] = (),
         block_ms: int = 1000,
     ) -> None:
-        import redis.asyncio as aioredis
-
         self.keys = keys
         self.consumer = consumer
         self.prepare = prepare
@@ -216,8 +218,9 @@ class RedisSource:
         # Entries the resumed checkpoint already contains but whose ack did not happen before the crash.
         self.already_trained = set(already_trained)
         self._loop = asyncio.new_event_loop()
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = async_redis(url)  # its socket timeout (5 s) stays above `block_ms`
         self._replay_from: str | None = "0"  # None once this consumer's pending entries are replayed
+        self._handed: set[str] = set()  # entries given to the loop and not yet committed
         self._last_seen = time.monotonic()
         self._run(self._ensure_group())
 
@@ -227,7 +230,7 @@ class RedisSource:
     async def _ensure_group(self) -> None:
         from shared.streams import ensure_group
 
-        await ensure_group(self.redis, self.keys.examples, TRAINER_GROUP)
+        await retry_async(lambda: ensure_group(self.redis, self.keys.examples, TRAINER_GROUP), "trainer group")
 
     def next_items(self, n: int) -> tuple[list[TrainItem], bool]:
         """Up to `n` items: pending replays first, then new entries; exhausted only after `idle_exit_s`."""
@@ -245,6 +248,7 @@ class RedisSource:
             else:
                 entries = await self._read(">", n - len(items), self.block_ms)
                 if not entries:
+                    self._replay_from = "0"  # next time: entries a lost reply left pending (see module doc)
                     if self.idle_exit_s is not None and time.monotonic() - self._last_seen > self.idle_exit_s:
                         return items, True
                     if items:
@@ -260,8 +264,11 @@ class RedisSource:
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[tuple[str, dict[Any, Any] | None]]:
         """XREADGROUP on the examples stream from `start` ('0…' replays this consumer's pending entries)."""
-        resp: Any = await self.redis.xreadgroup(
-            TRAINER_GROUP, self.consumer, {self.keys.examples: start}, count=count, block=block_ms
+        resp: Any = await retry_async(
+            lambda: self.redis.xreadgroup(
+                TRAINER_GROUP, self.consumer, {self.keys.examples: start}, count=count, block=block_ms
+            ),
+            "reading the examples stream",
         )
         return [(_text(eid), fields) for eid, fields in (resp[0][1] if resp else [])]
 
@@ -269,8 +276,10 @@ class RedisSource:
         """The entry as an item, or None after acking it (already trained) or dead-lettering it (bad)."""
         from shared.streams import dead_letter, field
 
+        if entry_id in self._handed:
+            return None  # replayed from the pending list, already in the loop's hands
         if entry_id in self.already_trained:
-            await self.redis.xack(self.keys.examples, TRAINER_GROUP, entry_id)
+            await self._ack([entry_id])
             return None
         data = field(fields or {}, "data")
         reason: str
@@ -278,15 +287,19 @@ class RedisSource:
             reason = "entry has no 'data' field (or was deleted from the stream)"
         else:
             try:
-                return self.prepare(Example.model_validate_json(data), entry_id)
+                item = self.prepare(Example.model_validate_json(data), entry_id)
+                self._handed.add(entry_id)
+                return item
             except ValidationError as exc:
                 reason = f"invalid example record: {_one_line(exc)}"
             except ValueError as exc:
                 reason = str(exc)
         log.warning("dead-lettering entry %s: %s", entry_id, reason)
-        await dead_letter(self.redis, self.keys, "trainer", entry_id, data or {}, reason)
+        await retry_async(
+            lambda: dead_letter(self.redis, self.keys, "trainer", entry_id, data or {}, reason), "dead-lettering"
+        )
         # Parked with its reason in the dead-letter stream, so it must not be redelivered forever.
-        await self.redis.xack(self.keys.examples, TRAINER_GROUP, entry_id)
+        await self._ack([entry_id])
         return None
 
     def commit(self, entry_ids: Sequence[str]) -> None:
@@ -295,7 +308,8 @@ class RedisSource:
             self._run(self._ack(entry_ids))
 
     async def _ack(self, entry_ids: Sequence[str]) -> None:
-        await self.redis.xack(self.keys.examples, TRAINER_GROUP, *entry_ids)
+        await retry_async(lambda: self.redis.xack(self.keys.examples, TRAINER_GROUP, *entry_ids), "acknowledging")
+        self._handed.difference_update(entry_ids)
 
     def position(self) -> dict[str, Any]:
         """The group keeps the position; the consumer name is what a restart must reuse."""

@@ -1,38 +1,51 @@
-"""Announcements to Redis (rank 0): the new policy version after each checkpoint, and run progress."""
+"""Announcements to Redis (rank 0): the new policy version after each checkpoint, and run progress.
+
+A policy announcement waits out a Redis outage (`shared.retry`): the checkpoint's entries are acked only
+after it. Progress is best effort: a step is never held up for a status line.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from shared.keys import Keys
+from shared.retry import TRANSIENT, redact, retry_sync, sync_redis
+
+log = logging.getLogger("mindgap.trainer.publish")
 
 
 class Announcer:
     """Sets `<prefix>:policy`, publishes on `<prefix>:policy:events`, and keeps `<prefix>:trainer:<run>` current."""
 
     def __init__(self, url: str, keys: Keys, run: str) -> None:
-        import redis
-
-        self.redis = redis.Redis.from_url(url)
+        self.redis = sync_redis(url)
         self.keys = keys
         self.run = run
 
     def policy(self, version: int, path: Path) -> None:
         """Announce checkpoint `path` as policy `version` (hash and event in one transaction)."""
         event = json.dumps({"version": version, "path": str(path.resolve()), "time": time.time()})
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.keys.policy, mapping={"version": version, "path": str(path.resolve()), "time": time.time()})
-        pipe.publish(self.keys.policy_events, event)
-        pipe.execute()
+
+        def announce() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self.keys.policy, mapping={"version": version, "path": str(path.resolve()), "time": time.time()})
+            pipe.publish(self.keys.policy_events, event)
+            pipe.execute()
+
+        retry_sync(announce, f"announcing policy v{version}")
 
     def progress(self, fields: dict[str, Any]) -> None:
         """Overwrite the run's progress hash (step, loss, version, …) for status lines."""
         mapping: dict[str | bytes, str | float] = {k: str(v) for k, v in fields.items()}
         mapping["time"] = time.time()
-        self.redis.hset(self.keys.trainer_state(self.run), mapping=mapping)  # type: ignore[arg-type]
+        try:
+            self.redis.hset(self.keys.trainer_state(self.run), mapping=mapping)  # type: ignore[arg-type]
+        except TRANSIENT as exc:
+            log.warning("progress not published, Redis unavailable: %s", redact(str(exc)))
 
     def close(self) -> None:
         """Close the connection."""
