@@ -21,7 +21,7 @@ def repeated_batch(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return write_jsonl(tmp_path_factory.mktemp("data") / "batch.jsonl", make_examples(tiny_model_dir, 4))
 
 
-def _train(model: Path, data: Path, out: Path, nproc: int, zero: int, **extra: object) -> list[dict[str, object]]:
+def _train(model: Path, data: Path, out: Path, nproc: int, zero: int) -> None:
     metrics = out / "metrics.jsonl"
     argv = train_argv(
         model,
@@ -35,25 +35,37 @@ def _train(model: Path, data: Path, out: Path, nproc: int, zero: int, **extra: o
         nproc=nproc,
         loss="sft",
         metrics_jsonl=metrics,
-        **extra,
     )
     run_train(argv)
-    return read_metrics(metrics)
+
+
+RUNS = {"r2z2": (2, 2), "r2z3": (2, 3), "r1z2": (1, 2)}  # name: (ranks, ZeRO stage)
+
+
+class Runs:
+    """Training runs on the same repeated batch, each started the first time a test asks for it."""
+
+    def __init__(self, model: Path, data: Path, factory: pytest.TempPathFactory) -> None:
+        self.model, self.data, self.factory = model, data, factory
+        self.done: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.done:
+            folder = self.factory.mktemp(name)
+            nproc, zero = RUNS[name]
+            _train(self.model, self.data, folder, nproc, zero)
+            self.done[name] = folder
+        return self.done[name]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir: Path, repeated_batch: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One training run per (ranks, ZeRO stage) on the same repeated batch; their output folders."""
-    out = {}
-    for name, nproc, zero in (("r2z2", 2, 2), ("r2z3", 2, 3), ("r1z2", 1, 2)):
-        folder = tmp_path_factory.mktemp(name)
-        _train(tiny_model_dir, repeated_batch, folder, nproc, zero)
-        out[name] = folder
-    return out
+def runs(tiny_model_dir: Path, repeated_batch: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Output folders of the training runs, by name (see RUNS)."""
+    return Runs(tiny_model_dir, repeated_batch, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", ["r2z2", "r2z3"])
-def test_two_ranks_loss_falls_and_checkpoints_load(name: str, runs: dict[str, Path], tiny_model_dir: Path) -> None:
+def test_two_ranks_loss_falls_and_checkpoints_load(name: str, runs: Runs, tiny_model_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +84,7 @@ def test_two_ranks_loss_falls_and_checkpoints_load(name: str, runs: dict[str, Pa
     assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
 
 
-def test_one_rank_and_two_ranks_agree(runs: dict[str, Path]) -> None:
+def test_one_rank_and_two_ranks_agree(runs: Runs) -> None:
     """Same global batch: 1 rank × 4 micro-batches, 2 ranks × 2, ZeRO-2 and ZeRO-3 give the same trajectory."""
     one = read_metrics(runs["r1z2"] / "metrics.jsonl")
     for name in ("r2z2", "r2z3"):
@@ -84,7 +96,7 @@ def test_one_rank_and_two_ranks_agree(runs: dict[str, Path]) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.asyncio(loop_scope="session")
-async def test_checkpoint_reloads_in_vllm(runs: dict[str, Path], tiny_model_dir: Path, vllm_tiny_engine: Any) -> None:
+async def test_checkpoint_reloads_in_vllm(runs: Runs, tiny_model_dir: Path, vllm_tiny_engine: Any) -> None:
     """The ZeRO-3 checkpoint loads in the session's vLLM engine and scores like transformers does."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,7 @@ from shared.schema import Example
 from shared.streams import publish_examples
 from tests.trainer_support import ROOT, make_examples, read_metrics, run_train, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
+from trainer.data import RedisSource, TrainItem, prepare_item
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.chaos]
 
@@ -102,3 +103,82 @@ def test_sigkill_after_checkpoint_then_resume(
     assert r.hget(keys.policy, "version") == str(versions[-1])
     assert r.hget(keys.policy, "path") == str((ckpt / f"v{versions[-1]}").resolve())
     assert r.hget(keys.trainer_state("kill"), "step") == "12"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_replay_acks_entries_the_resumed_checkpoint_contains(
+    tiny_model_dir: Path, tokenizer, redis_url: str, key_prefix: str
+) -> None:
+    """A crash between publishing a checkpoint and acking its entries: the restart acks them untrained."""
+    keys = Keys(key_prefix)
+    r = redis.Redis.from_url(redis_url)
+    _publish(redis_url, keys, make_examples(tiny_model_dir, 4, tag="r"))
+
+    def prepare(ex: Example, entry_id: str) -> TrainItem:
+        return prepare_item(ex, tokenizer, 512, entry_id)
+
+    first = RedisSource(redis_url, keys, "c0", prepare, block_ms=100)
+    items, _ = first.next_items(4)
+    first.close()
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 4
+    included = [it.entry_id for it in items[:2]]
+    second = RedisSource(redis_url, keys, "c0", prepare, idle_exit_s=0.2, already_trained=included, block_ms=100)
+    replayed, exhausted = second.next_items(10)
+    assert [it.example_id for it in replayed] == ["r-2", "r-3"] and exhausted
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 2
+    second.commit([it.entry_id for it in replayed])
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0
+    second.close()
+
+
+def test_too_long_entries_are_dead_lettered(tiny_model_dir: Path, tokenizer, redis_url: str, key_prefix: str) -> None:
+    keys = Keys(key_prefix)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    _publish(redis_url, keys, make_examples(tiny_model_dir, 2, tag="long"))
+    source = RedisSource(
+        redis_url, keys, "c0", lambda ex, eid: prepare_item(ex, tokenizer, 16, eid), idle_exit_s=0.2, block_ms=100
+    )
+    items, exhausted = source.next_items(2)
+    source.close()
+    assert items == [] and exhausted
+    reasons = [e[1]["reason"] for e in r.xrange(keys.deadletter)]
+    assert len(reasons) == 2 and all("exceed max_seq_len 16" in x for x in reasons)
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0
+
+
+def test_sigterm_while_waiting_writes_a_final_checkpoint(
+    tiny_model_dir: Path, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    keys = Keys(key_prefix)
+    r = redis.Redis.from_url(redis_url)
+    _publish(redis_url, keys, make_examples(tiny_model_dir, 4, tag="t"))
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    argv = train_argv(
+        tiny_model_dir,
+        ckpt,
+        source="redis",
+        redis_url=redis_url,
+        prefix=key_prefix,
+        batch_size=2,
+        checkpoint_every=100,
+        max_steps=100,
+        zero_stage=0,
+        metrics_jsonl=metrics,
+    )
+    with (tmp_path / "log").open("wb") as log:
+        proc = subprocess.Popen(argv, env=train_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_step(metrics, 2, proc)  # all data trained; the trainer now waits for more
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(120) == 0
+        finally:
+            proc.kill()
+    assert ready_versions(ckpt) == [1]
+    assert sorted(read_state(ckpt, 1)["trained_ids"]) == [f"t-{i}" for i in range(4)]
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0

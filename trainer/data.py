@@ -209,12 +209,14 @@ class RedisSource:
         idle_exit_s: float | None = None,
         already_trained: Collection[str] = (),
         block_ms: int = 1000,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.keys = keys
         self.consumer = consumer
         self.prepare = prepare
         self.idle_exit_s = idle_exit_s
         self.block_ms = block_ms
+        self.should_stop = should_stop  # checked while waiting for entries, so a stop signal is not stuck here
         # Entries the resumed checkpoint already contains but whose ack did not happen before the crash.
         self.already_trained = set(already_trained)
         self._loop = asyncio.new_event_loop()
@@ -249,7 +251,8 @@ class RedisSource:
                 entries = await self._read(">", n - len(items), self.block_ms)
                 if not entries:
                     self._replay_from = "0"  # next time: entries a lost reply left pending (see module doc)
-                    if self.idle_exit_s is not None and time.monotonic() - self._last_seen > self.idle_exit_s:
+                    idle = time.monotonic() - self._last_seen
+                    if self.should_stop() or (self.idle_exit_s is not None and idle > self.idle_exit_s):
                         return items, True
                     if items:
                         # Train what is here rather than stall while the producer is slow.

@@ -86,6 +86,8 @@ def train_step(
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         sums += torch.stack([getattr(terms, name).detach().double().cpu() for name in _SUMS])
         weight_max = torch.maximum(weight_max, terms.is_weight_max.detach().double().cpu())
+    # Reduced on the rank's device: NCCL has no CPU tensors.
+    sums, weight_max = sums.to(dist.device), weight_max.to(dist.device)
     torch_dist.all_reduce(sums)
     torch_dist.all_reduce(weight_max, op=torch_dist.ReduceOp.MAX)
     s = dict(zip(_SUMS, sums.tolist(), strict=True))
@@ -207,17 +209,17 @@ def run(cfg: TrainerConfig) -> None:
         ref_path = path if cfg.ref_model is None else resolve_model(cfg.ref_model)
         ref = build_reference(cfg, ref_path, dist)
     spec = LossSpec.from_config(cfg)
+    stop = StopFlag()
     source: Source | None = None
     announcer: Announcer | None = None
     keys = Keys(cfg.prefix)
     if dist.is_main:
-        source = _open_source(cfg, tokenizer, keys, resumed)
+        source = _open_source(cfg, tokenizer, keys, resumed, stop)
         announcer = Announcer(cfg.redis_url, keys, cfg.run_name) if cfg.announces else None
         if announcer is not None and version > 0:
             # The crash may have come between READY and the announcement; announcing again is harmless.
             announcer.policy(version, ckpt.weights_dir(root, version))
     metrics = Metrics(cfg, announcer) if dist.is_main else None
-    stop = StopFlag()
     segment = Segment()
     global_batch = cfg.global_batch(dist.world)
     last_ckpt_step, resumed_from = step, version
@@ -285,7 +287,7 @@ def run(cfg: TrainerConfig) -> None:
     torch_dist.destroy_process_group()
 
 
-def _open_source(cfg: TrainerConfig, tokenizer: Any, keys: Keys, resumed: dict[str, Any]) -> Source:
+def _open_source(cfg: TrainerConfig, tokenizer: Any, keys: Keys, resumed: dict[str, Any], stop: StopFlag) -> Source:
     def prepare(example: Any, entry_id: str) -> TrainItem:
         return prepare_item(example, tokenizer, cfg.max_seq_len, entry_id)
 
@@ -297,5 +299,6 @@ def _open_source(cfg: TrainerConfig, tokenizer: Any, keys: Keys, resumed: dict[s
             prepare,
             idle_exit_s=cfg.idle_exit_s,
             already_trained=resumed.get("entry_ids", []),
+            should_stop=lambda: stop.requested,
         )
     return FileSource(Path(cfg.source), prepare, cfg.epochs, start=resumed.get("source"))
