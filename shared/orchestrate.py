@@ -435,9 +435,10 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
     cfg = plan.cfg
     keys = Keys(cfg.key_prefix)
     # the key lets a user reach the session's service (curl, `mindgap status`) while it runs
-    key_file = plan.run_dir / "api_key"
-    key_file.touch(mode=0o600)
-    key_file.write_text(plan.api_key + "\n")
+    fd = os.open(plan.run_dir / "api_key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file was there before with wider permissions
+    with os.fdopen(fd, "w") as key_file:
+        key_file.write(plan.api_key + "\n")
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

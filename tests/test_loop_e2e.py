@@ -30,12 +30,13 @@ from shared.orchestrate import ChildSpec, Supervisor, free_port
 from shared.schema import Example
 from tests.fixtures.redis import RedisServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.redis]
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample.jsonl"
 API_KEY = "e2e-key"
 TRAIN_STEPS = 3
+DONE = ("trainer",)  # after the fixture, the trainer has finished its steps (exit 0)
 # one problem that always ends in the expert stage: its example carries the policy's log-probs of a
 # fixed response on a fixed prompt, a deterministic read-out of the weights being served
 PROBE = {
@@ -156,7 +157,7 @@ def loop(
                 {**common, "DS_ACCELERATOR": "cpu"},
             )
         )
-        _wait("the trainer to finish", sup, lambda: trainer.proc.poll() is not None, 600, allow_exit=("trainer",))
+        _wait("the trainer to finish", sup, lambda: trainer.proc.poll() is not None, 600, allow_exit=DONE)
         run.trainer_exit = trainer.proc.returncode
         published = int(r.hget(keys.policy, "version") or 0)
         _wait(
@@ -164,7 +165,7 @@ def loop(
             sup,
             lambda: http.get("/v1/policy").json()["version"] == published,
             120,
-            allow_exit=("trainer",),
+            allow_exit=DONE,
         )
         run.policy = http.get("/v1/policy").json()
         version, run.probe_after = _probe(http)
@@ -180,6 +181,7 @@ def loop(
         r.close()
 
 
+@pytest.mark.vllm
 def test_trainer_publishes_versions_and_the_service_loads_each(loop: LoopRun) -> None:
     assert loop.trainer_exit == 0
     ready = sorted(int(p.name[1:]) for p in loop.checkpoints.glob("v*") if (p / "READY").is_file())
@@ -190,6 +192,7 @@ def test_trainer_publishes_versions_and_the_service_loads_each(loop: LoopRun) ->
     assert all(h["duration_s"] < 60 for h in loop.policy["history"])
 
 
+@pytest.mark.vllm
 def test_stream_versions_never_go_back_and_do_change(loop: LoopRun) -> None:
     versions = loop.stream_versions
     assert versions, "no examples reached the stream"
@@ -197,6 +200,7 @@ def test_stream_versions_never_go_back_and_do_change(loop: LoopRun) -> None:
     assert len(set(versions)) >= 2, f"every example carries the same version: {set(versions)}"
 
 
+@pytest.mark.vllm
 def test_service_output_for_a_fixed_prompt_changes_after_a_reload(loop: LoopRun) -> None:
     first, again = loop.probe_before
     assert first == again, "the probe is not deterministic under fixed weights"
@@ -216,6 +220,7 @@ def _outcome(loop: LoopRun, version: int) -> str | None:
     return None
 
 
+@pytest.mark.vllm
 def test_corrupt_or_incomplete_checkpoints_are_refused_while_serving_goes_on(loop: LoopRun) -> None:
     served = loop.policy["version"]
     newest = max(p for p in loop.checkpoints.glob("v*") if (p / "READY").is_file())
@@ -225,13 +230,15 @@ def test_corrupt_or_incomplete_checkpoints_are_refused_while_serving_goes_on(loo
     for weights in corrupt.glob("*.safetensors"):
         weights.write_bytes(b"\x00not a safetensors file" * 64)
     _announce(loop, 900, corrupt)
-    assert _wait("the corrupt checkpoint's verdict", loop.sup, lambda: _outcome(loop, 900), 120) == "failed"
+    verdict = _wait("the corrupt checkpoint's verdict", loop.sup, lambda: _outcome(loop, 900), 120, allow_exit=DONE)
+    assert verdict == "failed"
     # a folder without READY: the trainer crashed mid-save
     partial = loop.checkpoints / "v901"
     shutil.copytree(newest, partial)
     (partial / "READY").unlink()
     _announce(loop, 901, partial)
-    assert _wait("the partial checkpoint's verdict", loop.sup, lambda: _outcome(loop, 901), 60) == "refused"
+    verdict = _wait("the partial checkpoint's verdict", loop.sup, lambda: _outcome(loop, 901), 60, allow_exit=DONE)
+    assert verdict == "refused"
 
     assert loop.http.get("/v1/policy").json()["version"] == served
     version, logprobs = _probe(loop.http)
@@ -240,6 +247,7 @@ def test_corrupt_or_incomplete_checkpoints_are_refused_while_serving_goes_on(loo
 
 
 def test_mindgap_up_stops_by_itself_after_max_versions(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # the fake engine keeps this test about orchestration; the tests above reload real vLLM weights
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH")
     train_config = tmp_path / "train.toml"
@@ -251,7 +259,7 @@ def test_mindgap_up_stops_by_itself_after_max_versions(tiny_model_dir: Path, tmp
         _cli(
             "up",
             str(SAMPLE),
-            *("--model", str(tiny_model_dir), "--max-versions", "2", "--checkpoint-every", "1"),
+            *("--model", str(tiny_model_dir), "--engine", "fake", "--max-versions", "2", "--checkpoint-every", "1"),
             *("--k", "2", "--resolve-attempts", "1", "--max-tokens", "32"),
             *("--train-config", str(train_config), "--run-dir", str(run_dir)),
         ),
