@@ -28,7 +28,7 @@ from services.api.deps import ServiceState
 from services.engine import Engine
 from services.jobs import JobStore
 from services.metrics import Metrics
-from services.policy import PolicyWatcher
+from services.policy import STOP_CHECK_S, PolicyWatcher
 from services.scheduler import EngineGate
 from services.settings import ServiceConfig
 from services.worker import Worker
@@ -149,7 +149,7 @@ def create_app(cfg: ServiceConfig, engine_factory: EngineFactory = default_engin
             await worker.stop()
             await worker_task
             watcher.stop()
-            _, late = await asyncio.wait({watcher_task}, timeout=cfg.policy_poll_s + 5)
+            _, late = await asyncio.wait({watcher_task}, timeout=STOP_CHECK_S + 5)
             for task in late:
                 task.cancel()
             grader.close()

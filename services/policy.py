@@ -31,6 +31,7 @@ from shared.keys import Keys
 log = logging.getLogger("mindgap.policy")
 
 READY_MARKER = "READY"
+STOP_CHECK_S = 1.0  # longest wait for an event before looking at the stop flag (and maybe polling)
 Source = Literal["startup", "event", "poll", "admin"]
 
 
@@ -144,9 +145,14 @@ class PolicyWatcher:
         await pubsub.subscribe(self.keys.policy_events)
         try:
             await self.check("poll")  # whatever was published while we were not subscribed
+            last_poll = time.monotonic()
             while not self._stopping.is_set():
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.poll_s)
-                await self.check("event" if message is not None else "poll")
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=STOP_CHECK_S)
+                if message is not None:
+                    await self.check("event")
+                elif time.monotonic() - last_poll >= self.poll_s:
+                    last_poll = time.monotonic()
+                    await self.check("poll")
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

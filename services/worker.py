@@ -237,18 +237,20 @@ class Worker:
             await retry_async(lambda: self.store.mark_running(task.job_id), what)
             problems = await retry_async(lambda: self.store.chunk_problems(job, task.chunk), what)
             salt = task.job_id if job.mode == "once" else f"{task.job_id}:e{task.epoch}"
+            await retry_async(
+                lambda: wait_for_capacity(self.r, self.keys.examples, TRAINER_GROUP, self.cfg.max_lag), what
+            )
+            # The commit happens inside the gate too: a reload waits for it, so this replica never appends
+            # an older version's example to the stream after a newer one.
             async with self.gate.batch():
                 version = self.policy_version()  # cannot change while the gate is held (reloads are exclusive)
                 self.metrics.batch_size.observe(len(problems))
                 outcomes = await rewrite_batch(problems, self.engine, self.grader, job.params, version, salt)
-            await retry_async(
-                lambda: wait_for_capacity(self.r, self.keys.examples, TRAINER_GROUP, self.cfg.max_lag), what
-            )
-            examples = [(ex.id, ex.model_dump_json()) for out in outcomes for ex in out.examples]
-            counters = outcome_counters(outcomes)
-            commit = await retry_async(
-                lambda: self.store.commit_chunk(task.job_id, key, counters, examples, version), what
-            )
+                examples = [(ex.id, ex.model_dump_json()) for out in outcomes for ex in out.examples]
+                counters = outcome_counters(outcomes)
+                commit = await retry_async(
+                    lambda: self.store.commit_chunk(task.job_id, key, counters, examples, version), what
+                )
             await retry_async(lambda: self._ack(task), what)
             if commit in (Commit.COMMITTED, Commit.NEXT_EPOCH, Commit.JOB_FINISHED):
                 self._count(outcomes)
