@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
-from vllm.platforms import current_platform
+from vllm.platforms import CpuArchEnum, current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -63,7 +64,7 @@ class VLLMEngine:
             set_cpu_kv_cache_space(cfg.kv_cache_gib)
         args = AsyncEngineArgs(
             model=model,
-            dtype=cfg.dtype,  # type: ignore[arg-type]
+            dtype=_engine_dtype(cfg.dtype),  # type: ignore[arg-type]
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,  # type: ignore[arg-type]
@@ -76,7 +77,7 @@ class VLLMEngine:
         )
         started = time.perf_counter()
         llm = AsyncLLM.from_engine_args(args)
-        log.info("vLLM engine on %s started in %.1f s", model, time.perf_counter() - started)
+        log.info("vLLM engine on %s (%s) started in %.1f s", model, args.dtype, time.perf_counter() - started)
         return cls(llm, model, _reference_shapes(model))
 
     def render_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
@@ -186,6 +187,20 @@ class VLLMEngine:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self.stats.busy_seconds += time.perf_counter() - self._busy_since
+
+
+def _engine_dtype(dtype: str) -> str:
+    """`dtype`, except that 'auto' means float32 on an x86 CPU without native bfloat16.
+
+    vLLM's 'auto' runs float32 and bfloat16 checkpoints in bfloat16 on CPU, which x86 without
+    AVX512-BF16/AMX only emulates: matmuls there run about 2.5x slower than in float32.
+    """
+    if dtype != "auto" or not current_platform.is_cpu():
+        return dtype
+    if current_platform.get_cpu_architecture() != CpuArchEnum.X86:
+        return dtype
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return dtype if native_bf16 else "float32"
 
 
 def set_cpu_kv_cache_space(gib: float) -> None:
