@@ -295,8 +295,13 @@ def sample_rows(results: Sequence[SetResult]) -> Iterator[dict[str, Any]]:
                 }
 
 
-async def run_eval(cfg: EvalConfig, sets: Sequence[EvalSet], engine: Engine) -> dict[str, Any]:
-    """Evaluate every set on one engine, write the JSON and Markdown reports, return the JSON report."""
+async def run_eval(
+    cfg: EvalConfig, sets: Sequence[EvalSet], engine: Engine, grader: Grader | None = None
+) -> dict[str, Any]:
+    """Evaluate every set on one engine, write the JSON and Markdown reports, return the JSON report.
+
+    A caller that evaluates several models can pass one `grader` for all; otherwise one is made and closed.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
@@ -310,14 +315,20 @@ async def run_eval(cfg: EvalConfig, sets: Sequence[EvalSet], engine: Engine) -> 
         TimeElapsedColumn(),
         console=Console(stderr=True),
     )
-    with Grader(cfg.grader_workers, cfg.grade_timeout) as grader, progress:
-        for data in sets:
-            task = progress.add_task(f"eval {data.name}", total=len(data.problems))
+    own = grader is None
+    grading = Grader(cfg.grader_workers, cfg.grade_timeout) if grader is None else grader
+    try:
+        with progress:
+            for data in sets:
+                task = progress.add_task(f"eval {data.name}", total=len(data.problems))
 
-            def advance(k: int, task: TaskID = task) -> None:
-                progress.update(task, advance=k)
+                def advance(k: int, task: TaskID = task) -> None:
+                    progress.update(task, advance=k)
 
-            results.append(await evaluate_set(engine, grader, data, cfg.sampling(), cfg.chunk_size, advance))
+                results.append(await evaluate_set(engine, grading, data, cfg.sampling(), cfg.chunk_size, advance))
+    finally:
+        if own:
+            grading.close()
     rep = report(results, cfg)
     atomic_write_text(cfg.output, json.dumps(rep, indent=2) + "\n")
     atomic_write_text(markdown_path(cfg.output), markdown(rep))
