@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
 from shared.streams import publish_examples
-from tests.trainer_support import ROOT, make_examples, read_metrics, run_train, train_argv, train_env
+from tests.trainer_support import ROOT, make_examples, read_metrics, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
 from trainer.data import RedisSource, TrainItem, prepare_item
 
@@ -46,7 +46,7 @@ def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen[bytes], time
     raise AssertionError(f"trainer did not reach step {step} in {timeout}s")
 
 
-def test_sigkill_after_checkpoint_then_resume(
+def test_sigkill_after_checkpoint_then_resume_then_sigterm(
     tiny_model_dir: Path, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     keys = Keys(key_prefix)
@@ -63,7 +63,7 @@ def test_sigkill_after_checkpoint_then_resume(
         consumer="t0",
         run_name="kill",
         batch_size=2,
-        checkpoint_every=4,
+        checkpoint_every=5,
         keep_checkpoints=10,
         max_steps=100,
         loss="is",
@@ -75,21 +75,30 @@ def test_sigkill_after_checkpoint_then_resume(
             argv, env=train_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            # v1 is written at step 4; steps 5-6 train 4 more entries, then the trainer waits for data.
+            # v1 is written at step 5; step 6 trains 2 more entries, then the trainer waits for data.
             _wait_for_step(metrics, 6, proc)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert ready_versions(ckpt) == [1]
-    assert len(read_state(ckpt, 1)["trained_ids"]) == 8
-    # The updates of the 4 entries trained after v1 died with the process: they are still pending.
-    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 4
+    assert len(read_state(ckpt, 1)["trained_ids"]) == 10
+    # The updates of the 2 entries trained after v1 died with the process: they are still pending.
+    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 2
 
     _publish(redis_url, keys, examples[12:])
     bad = json.loads(examples[0].model_dump_json()) | {"id": "misaligned", "behavior_logprobs": [-1.0]}
     r.xadd(keys.examples, {"id": "misaligned", "data": json.dumps(bad)})
     r.xadd(keys.examples, {"id": "garbled", "data": "{not json"})
-    run_train([*argv, "--idle-exit-s", "3"])
+    with (tmp_path / "second.log").open("wb") as log:
+        proc = subprocess.Popen(argv, env=train_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # Steps 6-12 train the 2 replayed and 12 new entries (v2 at step 10); then, while the trainer
+            # waits for data, SIGTERM makes it write a final checkpoint v3 and exit cleanly.
+            _wait_for_step(metrics, 12, proc)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(120) == 0
+        finally:
+            proc.kill()
 
     versions = ready_versions(ckpt)
     trained = [i for v in versions for i in read_state(ckpt, v)["trained_ids"]]
@@ -102,6 +111,7 @@ def test_sigkill_after_checkpoint_then_resume(
     assert any("behavior_logprobs has 1 entries" in reason for reason in dead.values())
     assert r.hget(keys.policy, "version") == str(versions[-1])
     assert r.hget(keys.policy, "path") == str((ckpt / f"v{versions[-1]}").resolve())
+    assert versions == [1, 2, 3] and read_state(ckpt, 3)["step"] == 12
     assert r.hget(keys.trainer_state("kill"), "step") == "12"
 
 
@@ -149,36 +159,4 @@ def test_too_long_entries_are_dead_lettered(tiny_model_dir: Path, tokenizer, red
     assert items == [] and exhausted
     reasons = [e[1]["reason"] for e in r.xrange(keys.deadletter)]
     assert len(reasons) == 2 and all("exceed max_seq_len 16" in x for x in reasons)
-    assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0
-
-
-def test_sigterm_while_waiting_writes_a_final_checkpoint(
-    tiny_model_dir: Path, redis_url: str, key_prefix: str, tmp_path: Path
-) -> None:
-    keys = Keys(key_prefix)
-    r = redis.Redis.from_url(redis_url)
-    _publish(redis_url, keys, make_examples(tiny_model_dir, 4, tag="t"))
-    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    argv = train_argv(
-        tiny_model_dir,
-        ckpt,
-        source="redis",
-        redis_url=redis_url,
-        prefix=key_prefix,
-        batch_size=2,
-        checkpoint_every=100,
-        max_steps=100,
-        zero_stage=0,
-        metrics_jsonl=metrics,
-    )
-    with (tmp_path / "log").open("wb") as log:
-        proc = subprocess.Popen(argv, env=train_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_for_step(metrics, 2, proc)  # all data trained; the trainer now waits for more
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(120) == 0
-        finally:
-            proc.kill()
-    assert ready_versions(ckpt) == [1]
-    assert sorted(read_state(ckpt, 1)["trained_ids"]) == [f"t-{i}" for i in range(4)]
     assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0

@@ -121,7 +121,10 @@ def _forward_flags(ctx: typer.Context) -> list[str]:
 
 def _one_line(exc: Exception) -> str:
     if hasattr(exc, "errors"):
-        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        parts = [
+            ": ".join(x for x in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if x)
+            for e in exc.errors()
+        ]
         return "invalid train config: " + "; ".join(parts)
     return " ".join(str(exc).split())
 
