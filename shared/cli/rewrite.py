@@ -42,6 +42,7 @@ def rewrite(
     gpu_memory_utilization: float | None = typer.Option(None),
     max_model_len: int | None = typer.Option(None),
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="skip torch.compile (faster start)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Rewrite a math SFT dataset with self → guided → expert stages; print the stage table."""
@@ -62,6 +63,7 @@ def rewrite(
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
         "enable_prefix_caching": False if no_prefix_caching else None,
+        "enforce_eager": enforce_eager or None,
     }
     cfg = _load_config(
         config,
