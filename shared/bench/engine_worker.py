@@ -62,7 +62,7 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
         disable_log_stats=True,
     )
     created = time.monotonic() - start
-    tokenizer = llm.get_tokenizer()
+    tokenizer: Any = llm.get_tokenizer()
     params = StageParams.model_validate(spec["params"])
     problems = [Problem.model_validate(p) for p in spec["problems"]]
     gradable = [(p, gold) for p in problems if (gold := extract_gold(p.answer, p.solution)) is not None]
@@ -77,23 +77,46 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
         for p, gold in gradable
     ]
 
+    # What the pipeline scores when nothing is solved: each problem's expert completion on its plain prompt.
+    eos = tokenizer.eos_token_id
+    scored = [
+        [
+            *ids,
+            *tokenizer(p.solution or p.answer or "", add_special_tokens=False, split_special_tokens=True)["input_ids"],
+            eos,
+        ]
+        for ids, (p, _) in zip(plain, gradable, strict=True)
+    ]
+
     def sampling(n: int) -> SamplingParams:
         # logprobs=0: the service asks for the sampled tokens' log-probs too
         return SamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, logprobs=0
         )
 
-    def one_pass() -> tuple[int, float]:
+    def one_pass() -> tuple[int, float, float]:
         tokens = 0
         t0 = time.monotonic()
         for prompts, n in ((plain, params.k), (guided, params.resolve_attempts)):
             outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling(n), use_tqdm=False)
             tokens += sum(len(o.token_ids) for out in outputs for o in out.outputs)
-        return tokens, time.monotonic() - t0
+        t1 = time.monotonic()
+        llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in scored],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+            use_tqdm=False,
+        )
+        return tokens, t1 - t0, time.monotonic() - t1
 
     one_pass()  # warm-up
     passes = [one_pass() for _ in range(int(spec["repeat"]))]
-    return {"create_s": created, "tokens": [p[0] for p in passes], "seconds": [p[1] for p in passes]}
+    llm.llm_engine.engine_core.shutdown()  # else its engine-core process outlives this one
+    return {
+        "create_s": created,
+        "tokens": [p[0] for p in passes],
+        "seconds": [p[1] for p in passes],
+        "score_seconds": [p[2] for p in passes],
+    }
 
 
 async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params: Any) -> tuple[int, int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +96,8 @@ def run_worker(
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
                 raise WorkerError(f"{' '.join(args[:2])} timed out after {timeout_s:.0f}s; log {log_path}") from None
+            finally:
+                kill_group(proc.pid)
     if after is not None and rc == 0:
         after()
     if not result_path.is_file():
@@ -121,6 +125,12 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
         except psutil.NoSuchProcess:
             continue
     proc.wait()
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of the process group a worker led (engine processes its exit orphaned)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def log_tail(path: Path, lines: int = 25) -> str:

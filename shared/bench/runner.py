@@ -76,6 +76,7 @@ def run_bench(
     runners: dict[str, LineRunner] | None = None,
 ) -> Report:
     """Run `names` (from `select`) and return the report; `runners` replaces line modules by name (tests)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of a bench job otherwise
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = Report(started=started, quick=quick, repeat=repeat, machine=machine_info())
     t0 = time.monotonic()

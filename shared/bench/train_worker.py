@@ -23,13 +23,40 @@ def _batches(spec: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [items[i : i + b] for i in range(0, int(spec["steps"]) * b, b)]
 
 
+def matmul_gflops(dtype_name: str, autocast: bool = False) -> float:
+    """GFLOP/s of one SmolLM2-shaped matmul (256 tokens × 576 → 1536) in `dtype_name`, on this device."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(256, 576, device=device)
+    w = torch.randn(576, 1536, device=device)
+    if not autocast:
+        x, w = x.to(dtype), w.to(dtype)
+    with torch.autocast(device, dtype=dtype, enabled=autocast):
+        for _ in range(3):
+            x @ w
+        n = 30
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.monotonic()
+        for _ in range(n):
+            x @ w
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.monotonic() - start) / n
+    return 2 * 256 * 576 * 1536 / seconds / 1e9
+
+
 def bare(spec: dict[str, Any]) -> dict[str, Any]:
     """Forward, cross-entropy on the completion tokens, backward, AdamW step: nothing else."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model: Any = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model.to(device)
     model.config.use_cache = False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -41,13 +68,20 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
         labels = ids.clone()
         for row, it in enumerate(batch):
             labels[row, : it["n_prompt"]] = -100  # the loss is on the completion only, as in mindgap
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the step is done when the GPU is, not when Python is
         seconds.append(time.monotonic() - t0)
         tokens.append(ids.numel())
-    return {"seconds": seconds, "tokens": tokens, "torch_threads": torch.get_num_threads()}
+    gflops = {
+        "float32": matmul_gflops("float32"),
+        "bfloat16": matmul_gflops("bfloat16"),
+        "bfloat16_autocast": matmul_gflops("bfloat16", autocast=True),
+    }
+    return {"seconds": seconds, "tokens": tokens, "torch_threads": torch.get_num_threads(), "matmul_gflops": gflops}
 
 
 def trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +112,7 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     overrides: dict[str, Any] = {}
     if matched:
-        overrides = {"bf16": False, "gradient_checkpointing": False, "model_init_kwargs": {"dtype": torch.float32}}
+        overrides = {"bf16": False, "gradient_checkpointing": False, "model_init_kwargs": {"dtype": "float32"}}
     config = SFTConfig(
         output_dir=spec["output_dir"],
         per_device_train_batch_size=int(spec["batch"]),

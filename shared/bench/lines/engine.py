@@ -27,17 +27,24 @@ from shared.dataio import read_problems
 TIMEOUT_S = 3600
 
 
-def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"rewrite", "reload"})) -> LineResult:
-    """Measure the `parts` of {rewrite, reload} with one engine start."""
+def run(
+    ctx: BenchContext,
+    parts: frozenset[str] = frozenset({"rewrite", "reload"}),
+    n_problems: int | None = None,
+    max_tokens: int | None = None,
+) -> LineResult:
+    """Measure the `parts` of {rewrite, reload} with one engine start (sizes default by `ctx.quick`)."""
     from shared.models import resolve_model
 
     work = ctx.scratch("engine")
     model_dir = Path(resolve_model(ctx.model))
     model_name = model_dir.name
-    n_problems = 8 if ctx.quick else 32
+    n_problems = n_problems or (8 if ctx.quick else 32)
     # quick: two repetitions of each schedule; the spread is still reported
     repeat = min(ctx.repeat, 2) if ctx.quick else ctx.repeat
-    params = StageParams(k=4, resolve_attempts=4, keep=1, rounds=2, max_tokens=256 if ctx.quick else 384)
+    params = StageParams(
+        k=4, resolve_attempts=4, keep=1, rounds=2, max_tokens=max_tokens or (256 if ctx.quick else 384)
+    )
     problems = read_problems(ctx.gsm8k, limit=n_problems).problems
     checkpoint = work / "checkpoint"
     if "reload" in parts:

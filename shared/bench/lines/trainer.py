@@ -11,6 +11,7 @@ loop feeds the memory line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -90,14 +91,22 @@ def mindgap_train(
         seconds = [r["tokens"] / r["tokens_per_s"] for r in rows]
         result_path.write_text(json.dumps({"seconds": seconds, "tokens": [r["tokens"] for r in rows]}))
 
-    env = {"DS_ACCELERATOR": "cpu"} if not _has_cuda() else {}
+    env = {"DS_ACCELERATOR": "cpu"} if not _gpus() else {}
     return run_worker(args, result_path, work / f"{name}.log", TIMEOUT_S, env=env, python_module=False, after=collect)
 
 
-def _has_cuda() -> bool:
+def _gpus() -> int:
     import torch
 
-    return bool(torch.cuda.is_available())
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _why_slow(bare: dict[str, Any]) -> str:
+    g = bare["matmul_gflops"]
+    return (
+        f"On this device a SmolLM2-shaped matmul runs at {g['float32']:.1f} GFLOP/s in float32 and"
+        f" {g['bfloat16']:.1f} in bfloat16 ({g['bfloat16_autocast']:.1f} under autocast, as TRL's bf16=True runs)."
+    )
 
 
 def timed(result: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -108,15 +117,23 @@ def timed(result: dict[str, Any]) -> tuple[list[float], list[float]]:
     return [float(t) for t in tokens], [float(s) for s in seconds]
 
 
-def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"trainer"})) -> LineResult:
-    """Measure the trainer line and the trainer half of the memory line."""
+def run(
+    ctx: BenchContext,
+    parts: frozenset[str] = frozenset({"trainer"}),
+    seq_len: int | None = None,
+    batch: int | None = None,
+) -> LineResult:
+    """Measure the trainer line and the trainer half of the memory line (sizes default by `ctx.quick`)."""
     from shared.models import resolve_model
 
     work = ctx.scratch("trainer")
     model_dir = Path(resolve_model(ctx.model))
-    seq_len, batch = (128, 2) if ctx.quick else (256, 4)
+    cuda = _gpus() > 0
+    # a GPU needs a larger step than a 2-core CPU before it measures more than launch overhead
+    seq_len = seq_len or (512 if cuda else 192 if ctx.quick else 256)
+    batch = batch or (8 if cuda else 2 if ctx.quick else 4)
     steps = ctx.repeat + 1
-    slow_steps = 3 if ctx.quick else steps  # TRL with its defaults runs ~10× slower here
+    slow_steps = 2 if ctx.quick else steps  # TRL with its defaults runs ~10× slower on a CPU without bf16
     examples, items = make_data(model_dir, ctx.gsm8k, batch * steps, seq_len)
     data = work / "examples.jsonl"
     atomic_write_jsonl(data, examples)
@@ -132,39 +149,50 @@ def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"trainer"})) -> Li
 
     ours, ours_rss = mindgap_train(work, "mindgap-1", data, model_dir, batch, steps, seq_len, nproc=1)
     bare, bare_rss = worker("bare", "bare")
-    trl_matched, _ = worker("trl", "trl-matched", variant="matched")
-    trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
-    two, two_rss = mindgap_train(work, "mindgap-2", data, model_dir, batch, steps, seq_len, nproc=2)
-
     mine = rate_stat(*timed(ours))
-    shape = f"batch {batch} × {seq_len} tokens, DFT loss, AdamW, fp32, one process on {'GPU' if _has_cuda() else 'CPU'}"
+    device = f"{_gpus()} GPU" if cuda else f"{os.cpu_count()} CPU cores"
+    shape = f"batch {batch} × {seq_len} tokens, DFT loss, AdamW, fp32, one process on {device}"
     rows = [
         Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
             baseline=rate_stat(*timed(bare)), baseline_name="bare PyTorch loop (forward, CE, backward, AdamW)",
             target=0.9, note=f"{shape}; mindgap through DeepSpeed ZeRO-2, reading a JSONL source, with its metrics."),
-        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
-            baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
-            target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
-        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
-            baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
-            target=1.0, note=f"TRL as configured out of the box; {slow_steps - 1} timed steps."),
-        Row(line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=MODEL_NOTE,
-            mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank",
-            note=f"same global batch {batch}; torchrun (gloo) on {os.cpu_count()} CPU cores shared by the ranks."),
         Row(line="memory", metric="peak RSS, trainer process tree", unit="GiB", model=MODEL_NOTE,
             mindgap=summarize([ours_rss]), baseline=summarize([bare_rss]), baseline_name="bare PyTorch loop",
-            higher_is_better=False, note="one sample each over the whole run (model load included)."),
+            higher_is_better=False, note="host memory, one sample each over the whole run (model load included)."),
     ]  # fmt: skip
-    return LineResult(
-        name="trainer",
-        rows=rows,
-        info={
-            "seq_len": seq_len,
-            "batch": batch,
-            "steps": steps,
-            "trl_defaults": {k: trl_default[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")},
-            "trl_matched": {k: trl_matched[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")},
-            "torch_threads": bare["torch_threads"],
-            "rss_gib": {"mindgap_1": ours_rss, "mindgap_2": two_rss, "bare": bare_rss},
-        },
-    )
+    info: dict[str, Any] = {
+        "seq_len": seq_len,
+        "batch": batch,
+        "steps": steps,
+        "device": device,
+        "torch_threads": bare["torch_threads"],
+        "matmul_gflops": bare["matmul_gflops"],
+        "rss_gib": {"mindgap_1": ours_rss, "bare": bare_rss},
+        "skipped": [],
+    }
+    if importlib.util.find_spec("trl") is None:
+        info["skipped"].append("TRL: not installed")
+    else:
+        trl_matched, _ = worker("trl", "trl-matched", variant="matched")
+        trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
+        rows[1:1] = [
+            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+                baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
+                target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
+            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+                baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
+                target=1.0, note=f"TRL out of the box; {slow_steps - 1} timed step(s). {_why_slow(bare)}"),
+        ]  # fmt: skip
+        for name, result in (("trl_defaults", trl_default), ("trl_matched", trl_matched)):
+            info[name] = {k: result[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")}
+    if cuda and _gpus() < 2:
+        info["skipped"].append("2 ranks: one GPU")
+    else:
+        two, two_rss = mindgap_train(work, "mindgap-2", data, model_dir, batch, steps, seq_len, nproc=2)
+        info["rss_gib"]["mindgap_2"] = two_rss
+        rows.insert(-1, Row(
+            line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=MODEL_NOTE,
+            mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank",
+            note=f"same global batch {batch}; torchrun ({'NCCL' if cuda else 'gloo'}), ranks share the {device}.",
+        ))  # fmt: skip
+    return LineResult(name="trainer", rows=rows, info=info)
