@@ -267,3 +267,16 @@ def test_up_plan_wires_children_through_their_clis(tmp_path: Path) -> None:
     assert train[train.index("--checkpoint-dir") + 1] == str(tmp_path / "run" / "checkpoints")
     assert plan.service_url.endswith(serve[serve.index("--port") + 1])
     assert len(plan.api_key) >= 24
+
+
+def test_up_config_reads_toml_env_and_flags_in_that_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "up.toml"
+    config.write_text('max_versions = 5\nbackend = "fake"\n[fields]\nquestion = "problem"\n[params]\nk = 1\n')
+    monkeypatch.setenv("MINDGAP_REDIS_URL", "redis://example:6379/0")
+    monkeypatch.setenv("MINDGAP_MAX_VERSIONS", "4")
+    cfg = UpConfig.load(config, data=SAMPLE, nproc=2)
+    assert (cfg.max_versions, cfg.backend, cfg.nproc) == (4, "fake", 2)
+    assert cfg.fields == {"question": "problem"} and cfg.params == {"k": 1}
+    assert cfg.redis_url == "redis://example:6379/0"
+    with pytest.raises(ValueError, match="nproc"):
+        UpConfig.load(config, data=SAMPLE, nproc=0)
