@@ -25,7 +25,6 @@ from shared.bench.stats import Row, rate_stat, summarize
 from shared.dataio import atomic_write_jsonl, read_problems
 from shared.schema import ChatMessage, Example, Stage, example_id
 
-MODEL_NOTE = "SmolLM2-135M-Instruct"
 TIMEOUT_S = 3600
 
 
@@ -128,6 +127,7 @@ def run(
 
     work = ctx.scratch("trainer")
     model_dir = Path(resolve_model(ctx.model))
+    model_name = model_dir.name
     cuda = _gpus() > 0
     # a GPU needs a larger step than a 2-core CPU before it measures more than launch overhead
     seq_len = seq_len or (512 if cuda else 192 if ctx.quick else 256)
@@ -153,10 +153,10 @@ def run(
     device = f"{_gpus()} GPU" if cuda else f"{os.cpu_count()} CPU cores"
     shape = f"batch {batch} × {seq_len} tokens, DFT loss, AdamW, fp32, one process on {device}"
     rows = [
-        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+        Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
             baseline=rate_stat(*timed(bare)), baseline_name="bare PyTorch loop (forward, CE, backward, AdamW)",
             target=0.9, note=f"{shape}; mindgap through DeepSpeed ZeRO-2, reading a JSONL source, with its metrics."),
-        Row(line="memory", metric="peak RSS, trainer process tree", unit="GiB", model=MODEL_NOTE,
+        Row(line="memory", metric="peak RSS, trainer process tree", unit="GiB", model=model_name,
             mindgap=summarize([ours_rss]), baseline=summarize([bare_rss]), baseline_name="bare PyTorch loop",
             higher_is_better=False, note="host memory, one sample each over the whole run (model load included)."),
     ]  # fmt: skip
@@ -176,10 +176,10 @@ def run(
         trl_matched, _ = worker("trl", "trl-matched", variant="matched")
         trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
         rows[1:1] = [
-            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
                 baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
                 target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
-            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=MODEL_NOTE, mindgap=mine,
+            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
                 baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
                 target=1.0, note=f"TRL out of the box; {slow_steps - 1} timed step(s). {_why_slow(bare)}"),
         ]  # fmt: skip
@@ -191,7 +191,7 @@ def run(
         two, two_rss = mindgap_train(work, "mindgap-2", data, model_dir, batch, steps, seq_len, nproc=2)
         info["rss_gib"]["mindgap_2"] = two_rss
         rows.insert(-1, Row(
-            line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=MODEL_NOTE,
+            line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=model_name,
             mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank",
             note=f"same global batch {batch}; torchrun ({'NCCL' if cuda else 'gloo'}), ranks share the {device}.",
         ))  # fmt: skip
