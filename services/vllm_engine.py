@@ -10,6 +10,7 @@ behind when a file turns out to be bad midway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ class VLLMEngine:
         self._eos_id: int = self.tokenizer.eos_token_id
         self._in_flight = 0
         self._busy_since = 0.0
+        self._reload_lock = asyncio.Lock()  # two reloads must not interleave their pause/resume
 
     @classmethod
     async def create(cls, cfg: EngineConfig) -> VLLMEngine:
@@ -146,24 +148,25 @@ class VLLMEngine:
         shapes = checkpoint_shapes(Path(path))
         if self._reference is not None:
             check_same_shapes(shapes, self._reference, path)
-        # Freeze in-flight requests while the weights change, then drop every cached KV block (the
-        # running requests' too, which are recomputed) so nothing computed by the old weights is reused.
-        await self._llm.pause_generation(mode="keep", clear_cache=False)
-        try:
+        async with self._reload_lock:
+            # Freeze in-flight requests while the weights change, then drop every cached KV block (the
+            # running requests' too, which are recomputed) so nothing computed by the old weights is reused.
+            await self._llm.pause_generation(mode="keep", clear_cache=False)
             try:
-                await self._llm.collective_rpc(
-                    "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
-                )
-            except Exception as exc:
-                raise EngineBrokenError(
-                    f"reloading weights from {path} failed midway ({exc}); the engine must be restarted"
-                ) from exc
-            await self._llm.reset_prefix_cache(reset_running_requests=True)
-        finally:
-            await self._llm.resume_generation()
-        if self._reference is None:
-            self._reference = shapes
-        self.model_path = path
+                try:
+                    await self._llm.collective_rpc(
+                        "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
+                    )
+                except Exception as exc:
+                    raise EngineBrokenError(
+                        f"reloading weights from {path} failed midway ({exc}); the engine must be restarted"
+                    ) from exc
+                await self._llm.reset_prefix_cache(reset_running_requests=True)
+            finally:
+                await self._llm.resume_generation()
+            if self._reference is None:
+                self._reference = shapes
+            self.model_path = path
         self.stats.extra["reloads"] = self.stats.extra.get("reloads", 0.0) + 1
         log.info("reloaded weights from %s in %.2f s", path, time.perf_counter() - started)
 
