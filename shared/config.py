@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
@@ -22,6 +23,13 @@ from pydantic_settings import (
 log = logging.getLogger("mindgap.config")
 
 GuidanceMode = Literal["solution", "answer", "hint"]
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://[^@/\s]*@", re.IGNORECASE)
+
+
+def redact_url_credentials(text: str) -> str:
+    """`text` with the user:password part of every URL in it (a Redis URL…) replaced by `***`."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>://***@", text)
 
 
 class StageParams(BaseModel):
@@ -105,4 +113,6 @@ class MindgapSettings(BaseSettings):
         for key in list(data):
             if any(s in key for s in ("key", "token", "password", "secret")) and data[key]:
                 data[key] = "***"
+            elif isinstance(data[key], str):
+                data[key] = redact_url_credentials(data[key])
         return data

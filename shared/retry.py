@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
+
+from shared.config import redact_url_credentials as redact
 
 log = logging.getLogger("mindgap.retry")
 
@@ -41,12 +42,6 @@ TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, Bus
 # redis-py's own retries of one command before the error reaches the component: with EqualJitterBackoff
 # (0.1 s doubling, capped at 1 s) they span 1.2-2.4 s of back-off, enough to hide a Redis restart.
 CLIENT_RETRIES = 4
-_CREDENTIALS = re.compile(r"(?P<scheme>rediss?|unix)://[^@/\s]*@")
-
-
-def redact(text: str) -> str:
-    """`text` with the user:password part of any Redis URL replaced by `***`."""
-    return _CREDENTIALS.sub(r"\g<scheme>://***@", text)
 
 
 def client_options(timeout_s: float = 5.0) -> dict[str, Any]:

@@ -71,10 +71,14 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
     if root is None:
         raise HTTPException(403, "server-side paths are disabled: the service has no allowed_root")
     base = root.resolve()
-    target = (base / path).resolve()  # an absolute `path` replaces `base`; `..` and symlinks are resolved
-    if not target.is_relative_to(base):
-        raise HTTPException(403, f"path {path!r} is outside the allowed root")
-    if not target.exists():
+    try:
+        target = (base / path).resolve()  # an absolute `path` replaces `base`; `..` and symlinks are resolved
+        if not target.is_relative_to(base):
+            raise HTTPException(403, f"path {path!r} is outside the allowed root")
+        exists = target.is_file()
+    except (ValueError, OSError) as exc:  # NUL bytes, names too long for the filesystem, …
+        raise invalid(("body", "path"), f"unusable path: {exc}") from None
+    if not exists:
         raise invalid(("body", "path"), f"no such file under the allowed root: {path!r}")
     return target
 
