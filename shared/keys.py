@@ -21,7 +21,7 @@ class Keys:
 
     @property
     def tasks(self) -> str:
-        """Stream of problem chunks; consumer group ``rewriters``."""
+        """Namespace of the task streams of problem chunks: one stream per job (see `job_tasks`)."""
         return f"{self.prefix}:tasks"
 
     @property
@@ -52,7 +52,7 @@ class Keys:
     def job_tasks(self, job_id: str) -> str:
         """Stream of one job's problem chunks (consumer group ``rewriters``): one stream per job, so a
         replica can take chunks round-robin across jobs."""
-        return f"{self.prefix}:tasks:{job_id}"
+        return f"{self.tasks}:{job_id}"
 
     def job_versions(self, job_id: str) -> str:
         """Set of policy versions that made a job's examples."""
