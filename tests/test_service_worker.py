@@ -4,12 +4,15 @@ epochs, fair share between jobs and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import redis.asyncio as aioredis
 
+import services.jobs
 from services.api.models import JobSpec, RowError
 from services.engine import Engine
 from services.fake_engine import FakeEngine, arithmetic_script
@@ -141,12 +144,18 @@ async def test_open_ended_online_job_runs_until_cancelled(service_config: Config
         assert (await client.post(f"/v1/jobs/{job_id}/cancel")).json()["state"] == "cancelled"
 
 
-async def test_a_small_job_is_not_stuck_behind_a_big_one(service_config: ConfigFactory) -> None:
+async def test_a_small_job_is_not_stuck_behind_a_big_one(
+    service_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the big job gets the smaller id, so serving jobs in id order (no rotation) would starve the small one
+    ids = iter([uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)])
+    monkeypatch.setattr(services.jobs, "uuid", SimpleNamespace(uuid4=lambda: next(ids)))
     cfg = service_config(fake_delay_s=0.02, max_inflight_chunks=1, chunk_size=1)
     async with running_service(cfg) as (client, _):
         big = (await client.post("/v1/jobs", json={"rows": arithmetic_rows(30), "params": FAST_PARAMS})).json()["id"]
         small = (await client.post("/v1/jobs", json={"rows": arithmetic_rows(3), "params": FAST_PARAMS})).json()["id"]
         await wait_for_job(client, small)
+        assert big < small
         big_status = (await client.get(f"/v1/jobs/{big}")).json()
         # round-robin: while the small job ran 3 chunks, the big one got about as many slots, not all of them
         assert big_status["problems_done"] <= 10, big_status
