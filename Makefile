@@ -27,7 +27,7 @@ model: setup
 	$(BIN)/mindgap model prepare
 
 demo: model
-	$(BIN)/mindgap rewrite examples/sample.jsonl -o out/sample.rewritten.jsonl --limit 8 --k 4 --resolve-attempts 2 --max-tokens 160
+	$(BIN)/mindgap rewrite examples/sample.jsonl -o out/sample.rewritten.jsonl --limit 8 --k 4 --resolve-attempts 2 --max-tokens 160 --enforce-eager
 
 test: model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

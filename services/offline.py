@@ -100,6 +100,10 @@ class AtomicRecordWriter:
                 os.fsync(self._fh.fileno())
             self._fh.close()
             if exc_type is None:
+                # mkstemp creates 0600; the output gets the usual mode for a new file under the umask
+                umask = os.umask(0)
+                os.umask(umask)
+                self._tmp.chmod(0o666 & ~umask)
                 os.replace(self._tmp, self.path)
         finally:
             self._tmp.unlink(missing_ok=True)

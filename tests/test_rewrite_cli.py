@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.offline import RewriteConfig
+from services.offline import AtomicRecordWriter, RewriteConfig
 from shared.cli import _register, app
 from shared.dataio import read_examples
 from shared.schema import Example, Stage
@@ -146,6 +146,19 @@ def test_interrupted_run_leaves_no_output(data: Path, tmp_path: Path, monkeypatc
     assert result.exit_code != 0 and calls == 2
     assert out.read_text() == "previous complete output\n"  # the old file is untouched, not truncated
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_atomic_writer_gives_the_umask_mode_and_cleans_up(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        with AtomicRecordWriter(tmp_path / "ok.jsonl") as writer:
+            writer.write([])
+        assert (tmp_path / "ok.jsonl").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        with pytest.raises(RuntimeError), AtomicRecordWriter(tmp_path / "failed.jsonl"):
+            raise RuntimeError("interrupted")
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl"]
 
 
 def test_config_file_env_and_flags_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

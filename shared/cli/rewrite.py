@@ -105,6 +105,7 @@ def _load_config(config: Path | None, **overrides: Any) -> RewriteConfig:
 async def _run(cfg: RewriteConfig) -> int:
     """Read, rewrite, write, print; the exit status. User errors raise `fail()` before any engine starts."""
     from rich.console import Console
+    from rich.markup import escape
 
     from services.offline import build_engine, rewrite_problems
     from shared.dataio import DataError, parse_field_specs, read_problems
@@ -122,7 +123,8 @@ async def _run(cfg: RewriteConfig) -> int:
         raise fail(message if str(cfg.input) in message else f"{cfg.input}: {message}") from None
     err = Console(stderr=True)
     for row_error in result.errors:
-        err.print(f"[yellow]warning:[/] {cfg.input}:{row_error.line}: {row_error.message}, row skipped")
+        where = escape(f"{cfg.input}:{row_error.line}: {row_error.message}")
+        err.print(f"[yellow]warning:[/] {where}, row skipped")
     if not result.problems:
         raise fail(f"no usable problems in {cfg.input}")
 
