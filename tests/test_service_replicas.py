@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from services.client import MindgapClient, ServiceError
 from shared.keys import REWRITER_GROUP, Keys
 from tests.chaos.jobs import check_job, submit, wait_chunks
 from tests.fixtures.service import REPO, ServeProcess, arithmetic_rows
@@ -97,6 +98,21 @@ def test_cli_submit_wait_status_and_results(serve_process: Callable[..., ServePr
     got = cli("results", job, "-o", str(out))
     assert got.returncode == 0, got.stderr
     assert sorted(json.loads(line)["problem_id"] for line in out.read_text().splitlines()) == ["1", "2", "3"]
+
+    with MindgapClient(server.url, "cli-key") as client:  # the Python client behind the commands
+        assert client.ready() and [j.id for j in client.jobs()] == [job]
+        assert len(list(client.results(job))) == client.status(job).examples_total
+        online = client.submit_rows(arithmetic_rows(2), params={"k": 2, "max_tokens": 200}, mode="online")
+        assert client.cancel(online.id).state == "cancelled"
+        with pytest.raises(ServiceError) as err:
+            client.cancel(online.id)
+        assert err.value.status == 409
+        rewritten = client.rewrite(arithmetic_rows(1), params={"k": 2, "max_tokens": 200})
+        assert rewritten.policy_version == 0 and len(rewritten.examples) == 1
+        assert client.policy().version == 0
+        with pytest.raises(ServiceError) as err:
+            client.submit_path("data.jsonl")
+        assert err.value.status == 403
 
     bad = cli("status", "0123456789abcdef")
     assert bad.returncode == 2 and "404" in bad.stderr and "Traceback" not in bad.stderr
