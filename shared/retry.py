@@ -5,7 +5,8 @@ call forever, a health check on idle connections, and redis-py's own short retry
 backoff for connection errors and timeouts (a restart that takes a second is invisible to callers). An
 outage longer than that surfaces as an error; the components' loops then call `retry_async` /
 `retry_sync`, which keep retrying with exponential backoff and full jitter up to a bounded total time,
-logging each failure once per attempt. Neither layer logs a URL or a password: messages go through `redact`.
+logging each failure once per attempt. Neither layer logs a URL or a password: messages go through
+`shared.config.redact_url_credentials`.
 
 Every retried operation must be idempotent (a timed-out command may still have run on the server):
 mindgap's Redis writes are (Lua commits guarded by sets, HSETNX before XADD, XACK, HSET).
@@ -28,7 +29,7 @@ from redis.backoff import EqualJitterBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from redis.retry import Retry
 
-from shared.config import redact_url_credentials as redact
+from shared.config import redact_url_credentials
 
 log = logging.getLogger("mindgap.retry")
 
@@ -103,7 +104,7 @@ def _give_up(what: str, attempt: int, started: float, exc: BaseException, policy
 
 
 def _reason(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {exc}")
+    return redact_url_credentials(f"{type(exc).__name__}: {exc}")
 
 
 async def retry_async(op: Callable[[], Awaitable[T]], what: str, policy: Backoff = DEFAULT_BACKOFF) -> T:

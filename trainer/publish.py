@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.config import redact_url_credentials
 from shared.keys import Keys
-from shared.retry import TRANSIENT, redact, retry_sync, sync_redis
+from shared.retry import TRANSIENT, retry_sync, sync_redis
 
 log = logging.getLogger("mindgap.trainer.publish")
 
@@ -45,7 +46,7 @@ class Announcer:
         try:
             self.redis.hset(self.keys.trainer_state(self.run), mapping=mapping)  # type: ignore[arg-type]
         except TRANSIENT as exc:
-            log.warning("progress not published, Redis unavailable: %s", redact(str(exc)))
+            log.warning("progress not published, Redis unavailable: %s", redact_url_credentials(str(exc)))
 
     def close(self) -> None:
         """Close the connection."""
