@@ -35,6 +35,7 @@ def _train(model: Path, data: Path, out: Path, nproc: int, zero: int) -> None:
         nproc=nproc,
         loss="sft",
         metrics_jsonl=metrics,
+        tensorboard_dir=out / "tb",
     )
     run_train(argv)
 
@@ -71,6 +72,7 @@ def test_two_ranks_loss_falls_and_checkpoints_load(name: str, runs: Runs, tiny_m
 
     rows = read_metrics(runs[name] / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert list((runs[name] / "tb").glob("events.out.tfevents.*"))
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.9
     ckpt = runs[name] / "ckpt"
     assert ready_versions(ckpt) == [1, 2]

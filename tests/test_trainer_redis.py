@@ -139,8 +139,9 @@ def test_replay_acks_entries_the_resumed_checkpoint_contains(
     assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 4
     included = [it.entry_id for it in items[:2]]
     second = RedisSource(redis_url, keys, "c0", prepare, idle_exit_s=0.2, already_trained=included, block_ms=100)
-    replayed, exhausted = second.next_items(10)
-    assert [it.example_id for it in replayed] == ["r-2", "r-3"] and exhausted
+    replayed, _ = second.next_items(10)
+    assert [it.example_id for it in replayed] == ["r-2", "r-3"]
+    assert second.next_items(10) == ([], True)  # nothing more: idle past idle_exit_s
     assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 2
     second.commit([it.entry_id for it in replayed])
     assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 0

@@ -194,9 +194,12 @@ def run(cfg: TrainerConfig) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     root = cfg.checkpoint_dir
+    versions = ckpt.ready_versions(root)
+    if versions and not cfg.resume:
+        # Starting again at version 1 would overwrite and interleave with the versions already there.
+        raise ValueError(f"{root} already holds checkpoints v{versions[0]}..v{versions[-1]}: resume or use another dir")
     engine = build_engine(cfg, path, dist)
     version, step, resumed = 0, 0, {}
-    versions = ckpt.ready_versions(root) if cfg.resume else []
     if versions:
         version = versions[-1]
         engine.load_checkpoint(str(ckpt.state_root(root)), tag=f"v{version}")
