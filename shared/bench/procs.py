@@ -86,6 +86,7 @@ def run_worker(
     `after`, when given, runs once the process has exited and turns its outputs into `result_path`.
     """
     cmd = [sys.executable, "-m", *args] if python_module else list(args)
+    what = " ".join(args[:4]) if python_module else " ".join(args[1:5])
     full_env = {**os.environ, **(env or {})}
     result_path.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
@@ -95,13 +96,13 @@ def run_worker(
                 rc = proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 kill_tree(proc)
-                raise WorkerError(f"{' '.join(args[:2])} timed out after {timeout_s:.0f}s; log {log_path}") from None
+                raise WorkerError(f"{what} timed out after {timeout_s:.0f}s; log {log_path}") from None
             finally:
                 kill_group(proc.pid)
     if after is not None and rc == 0:
         after()
     if not result_path.is_file():
-        raise WorkerError(f"{' '.join(args[:2])} exited {rc} without a result:\n{log_tail(log_path)}")
+        raise WorkerError(f"{what} exited {rc} without a result:\n{log_tail(log_path)}")
     result: dict[str, Any] = json.loads(result_path.read_text())
     return result, peak.peak_gib
 

@@ -105,9 +105,17 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
         for it in batch
     ]
     ends: list[float] = []
+    # The warm-up step (dropped from the timings anyway) runs under the profiler: where TRL's time goes.
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
     class StepClock(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 0:
+                profiler.start()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 1:
+                profiler.stop()
             ends.append(time.monotonic())
 
     overrides: dict[str, Any] = {}
@@ -146,7 +154,23 @@ def trl(spec: dict[str, Any]) -> dict[str, Any]:
         "gradient_checkpointing": bool(effective.gradient_checkpointing),
         "model_dtype": str(next(trainer.model_wrapped.parameters()).dtype),
         "torch_threads": torch.get_num_threads(),
+        "profile_top_ops": top_ops(profiler),
     }
+
+
+def top_ops(profiler: Any, n: int = 8) -> list[dict[str, Any]]:
+    """The `n` operators with the most self CPU time in a finished profile, with their share of it."""
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_cpu_s": e.self_cpu_time_total / 1e6,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:n]
+    ]
 
 
 def main(argv: Sequence[str]) -> None:

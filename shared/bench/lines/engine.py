@@ -39,7 +39,7 @@ def run(
     work = ctx.scratch("engine")
     model_dir = Path(resolve_model(ctx.model))
     model_name = model_dir.name
-    n_problems = n_problems or (8 if ctx.quick else 32)
+    n_problems = n_problems or (6 if ctx.quick else 32)
     # quick: two repetitions of each schedule; the spread is still reported
     repeat = min(ctx.repeat, 2) if ctx.quick else ctx.repeat
     params = StageParams(

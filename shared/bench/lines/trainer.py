@@ -100,11 +100,13 @@ def _gpus() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def _why_slow(bare: dict[str, Any]) -> str:
+def _why_slow(bare: dict[str, Any], trl: dict[str, Any]) -> str:
     g = bare["matmul_gflops"]
+    top = ", ".join(f"{op['op']} {op['share']:.0%}" for op in trl["profile_top_ops"][:3])
     return (
         f"On this device a SmolLM2-shaped matmul runs at {g['float32']:.1f} GFLOP/s in float32 and"
-        f" {g['bfloat16']:.1f} in bfloat16 ({g['bfloat16_autocast']:.1f} under autocast, as TRL's bf16=True runs)."
+        f" {g['bfloat16']:.1f} in bfloat16 ({g['bfloat16_autocast']:.1f} under autocast, as TRL's bf16=True runs);"
+        f" TRL's profiled step spends its CPU time in {top}."
     )
 
 
@@ -181,12 +183,14 @@ def run(
                 target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
             Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
                 baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
-                target=1.0, note=f"TRL out of the box; {slow_steps - 1} timed step(s). {_why_slow(bare)}"),
+                target=1.0, note=f"TRL out of the box; {slow_steps - 1} timed step(s). {_why_slow(bare, trl_default)}"),
         ]  # fmt: skip
         for name, result in (("trl_defaults", trl_default), ("trl_matched", trl_matched)):
-            info[name] = {k: result[k] for k in ("bf16", "gradient_checkpointing", "model_dtype")}
+            info[name] = {k: result[k] for k in ("bf16", "gradient_checkpointing", "model_dtype", "profile_top_ops")}
     if cuda and _gpus() < 2:
         info["skipped"].append("2 ranks: one GPU")
+    elif batch % 2:
+        info["skipped"].append(f"2 ranks: batch {batch} does not split over 2 ranks")
     else:
         two, two_rss = mindgap_train(work, "mindgap-2", data, model_dir, batch, steps, seq_len, nproc=2)
         info["rss_gib"]["mindgap_2"] = two_rss
