@@ -9,6 +9,13 @@ from typing import Protocol
 from shared.schema import ChatMessage
 
 
+class RequestRejected(ValueError):
+    """The engine refused one request (e.g. prompt plus response longer than the model's context).
+
+    Only that request failed: the engine is healthy and other requests go on.
+    """
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to sample: `n` responses per prompt."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.engine import EngineStats, Sample, SamplingConfig
+from services.engine import EngineStats, RequestRejected, Sample, SamplingConfig
 from shared.config import EngineConfig
 from shared.schema import ChatMessage
 
@@ -81,9 +81,12 @@ class FakeCall:
 class FakeEngine:
     """Deterministic Engine for tests: byte tokens, scripted responses, log-probs as functions of tokens."""
 
-    def __init__(self, script: Script = arithmetic_script, delay: float = 0.0) -> None:
+    def __init__(
+        self, script: Script = arithmetic_script, delay: float = 0.0, max_model_len: int | None = None
+    ) -> None:
         self.script = script
         self.delay = delay
+        self.max_model_len = max_model_len  # longer requests are refused, as vLLM refuses them
         self.stats = EngineStats()
         self.version = 0  # bumped by reload(): changes both responses and log-probs
         self.calls: list[FakeCall] = []
@@ -120,6 +123,7 @@ class FakeEngine:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig) -> list[Sample]:
         """`params.n` scripted responses; the processed log-probs are the temperature-1 ones / T."""
         prompt = self.decode(prompt_ids)
+        self._check_length(len(prompt_ids) + 1)
         async with self._call("generate", prompt, params.n):
             first = self._drawn[prompt]
             self._drawn[prompt] += params.n
@@ -136,6 +140,7 @@ class FakeEngine:
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Temperature-1 log-probs of `completion_ids` after `prompt_ids`."""
+        self._check_length(len(prompt_ids) + len(completion_ids))
         async with self._call("score", self.decode(prompt_ids), 1):
             self.stats.scored_tokens += len(completion_ids)
             return [self.token_logprob(prompt_ids, t, pos) for pos, t in enumerate(completion_ids)]
@@ -149,6 +154,10 @@ class FakeEngine:
     async def shutdown(self) -> None:
         """Mark the engine closed; later calls fail."""
         self.closed = True
+
+    def _check_length(self, tokens: int) -> None:
+        if self.max_model_len is not None and tokens > self.max_model_len:
+            raise RequestRejected(f"{tokens} tokens exceed the maximum context length {self.max_model_len}")
 
     def _call(self, kind: str, prompt: str, n: int) -> _InFlight:
         if self.closed:

@@ -17,6 +17,9 @@ Decisions the design notes leave open, made here:
   example and is counted as dropped.
 - A problem whose gold answer cannot be determined is not sampled: it goes straight to the expert
   fallback with grade `ungradable`.
+- A request the engine refuses (`RequestRejected`: a guided prompt or an expert solution longer than
+  the model's context) fails only that problem's stage: it moves on to the next stage, and a response
+  that cannot be scored is not kept. The reasons are kept in `ProblemOutcome.rejected`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 from rich.table import Table
 
-from services.engine import Engine, Sample, SamplingConfig
+from services.engine import Engine, RequestRejected, Sample, SamplingConfig
 from shared.config import GuidanceMode, StageParams
 from shared.grading import Grader, extract_gold, extract_prediction
 from shared.prompts import guided_messages, leak_reason, solve_messages
@@ -53,6 +56,7 @@ class ProblemOutcome:
     leaks_rejected: int = 0
     truncated_rejected: int = 0
     guidance: GuidanceMode | None = None
+    rejected: list[str] = field(default_factory=list)  # requests the engine refused, with the reason
 
 
 @dataclass
@@ -78,6 +82,7 @@ class _Work:
     kept: list[_Kept] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     guided_prompt: list[int] | None = None
+    refused: set[Stage] = field(default_factory=set)  # stages whose prompt the engine rejected
 
     @property
     def problem(self) -> Problem:
@@ -133,11 +138,18 @@ async def rewrite_batch(
 
     # target_logprobs: every kept response scored on the training prompt, all at once.
     pairs = [(w, k) for w in works for k in w.kept]
-    scores = await asyncio.gather(*(engine.score(w.plain_prompt, k.token_ids) for w, k in pairs))
+    scores = await asyncio.gather(
+        *(engine.score(w.plain_prompt, k.token_ids) for w, k in pairs), return_exceptions=True
+    )
     for (w, kept), target in zip(pairs, scores, strict=True):
-        w.outcome.examples.append(_example(w, kept, target, policy_version, id_salt))
+        if isinstance(target, RequestRejected):
+            w.outcome.rejected.append(f"scoring the {kept.stage.value} response: {target}")
+        elif isinstance(target, BaseException):
+            raise target
+        else:
+            w.outcome.examples.append(_example(w, kept, target, policy_version, id_salt))
     for w in works:
-        w.outcome.stage = w.kept[0].stage if w.kept else None
+        w.outcome.stage = w.outcome.examples[0].stage if w.outcome.examples else None
     return [w.outcome for w in works]
 
 
@@ -157,15 +169,21 @@ async def _sample_stage(
 ) -> None:
     """Sample `total` responses per problem in rounds, grade them, and keep up to `params.keep` distinct."""
     for n in round_sizes(total, params.rounds):
-        active = [w for w in works if len(w.kept) < params.keep]
+        active = [w for w in works if len(w.kept) < params.keep and stage not in w.refused]
         if not active:
             return
         sampling = SamplingConfig(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
-        drawn = await asyncio.gather(*(engine.generate(prompt_of(w), sampling) for w in active))
+        drawn = await asyncio.gather(*(engine.generate(prompt_of(w), sampling) for w in active), return_exceptions=True)
 
         finished: list[tuple[_Work, Sample]] = []
         for w, samples in zip(active, drawn, strict=True):
             out = w.outcome
+            if isinstance(samples, RequestRejected):
+                w.refused.add(stage)
+                out.rejected.append(f"{stage.value} prompt: {samples}")
+                continue
+            if isinstance(samples, BaseException):
+                raise samples
             out.generated_tokens += sum(len(s.token_ids) for s in samples)
             if stage is Stage.SELF:
                 out.self_attempts += len(samples)
@@ -273,6 +291,7 @@ class Summary:
     generated_tokens: int = 0
     leaks_rejected: int = 0
     truncated_rejected: int = 0
+    rejected_requests: int = 0  # requests the engine refused (too long for the context)
     wall_seconds: float = 0.0
 
     @classmethod
@@ -289,6 +308,7 @@ class Summary:
             self.generated_tokens += out.generated_tokens
             self.leaks_rejected += out.leaks_rejected
             self.truncated_rejected += out.truncated_rejected
+            self.rejected_requests += len(out.rejected)
             if out.stage is None:
                 self.dropped += 1
                 continue
@@ -335,6 +355,7 @@ class Summary:
             "skipped_rows": self.skipped_rows,
             "leaks_rejected": self.leaks_rejected,
             "truncated_rejected": self.truncated_rejected,
+            "rejected_requests": self.rejected_requests,
             "mean_response_tokens": round(self.mean_response_tokens, 2),
             "generated_tokens": self.generated_tokens,
             "wall_seconds": round(self.wall_seconds, 3),
@@ -358,6 +379,7 @@ class Summary:
         table.caption = (
             f"mean response {self.mean_response_tokens:.1f} tokens · generated {self.generated_tokens} tokens"
             f" in {self.wall_seconds:.1f} s ({self.tokens_per_second:.1f} tok/s) · leaks rejected"
-            f" {self.leaks_rejected} · truncated rejected {self.truncated_rejected}"
+            f" {self.leaks_rejected} · truncated rejected {self.truncated_rejected} · requests refused by the"
+            f" engine {self.rejected_requests}"
         )
         return table

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
@@ -30,7 +31,7 @@ from vllm.platforms import CpuArchEnum, current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from services.engine import EngineStats, Sample, SamplingConfig
+from services.engine import EngineStats, RequestRejected, Sample, SamplingConfig
 from shared.checkpoints import CheckpointError, CheckpointShapes, check_same_shapes, checkpoint_shapes
 from shared.config import EngineConfig
 from shared.models import resolve_model
@@ -182,8 +183,11 @@ class VLLMEngine:
         try:
             final: RequestOutput | None = None
             prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
-            async for output in self._llm.generate(prompt, sampling, request_id=f"mg-{uuid.uuid4().hex}"):
-                final = output
+            try:
+                async for output in self._llm.generate(prompt, sampling, request_id=f"mg-{uuid.uuid4().hex}"):
+                    final = output
+            except VLLMClientError as exc:  # this request only (too long, bad parameters)
+                raise RequestRejected(str(exc)) from exc
             assert final is not None and final.finished, "vLLM ended a request without a final output"
             return final
         finally:

@@ -243,3 +243,18 @@ async def test_summary_counts_and_table(grader: Grader) -> None:
     console.print(summary.table())
     text = console.export_text()
     assert "guided" in text and "ungradable" in text
+
+
+async def test_requests_too_long_for_the_context_fail_only_their_stage(grader: Grader) -> None:
+    # 300 tokens: the plain prompt and the short expert solution fit; any guided prompt does not.
+    engine = FakeEngine(scripted({QUESTION: ["\\boxed{6}"]}), max_model_len=300)
+    long_solution = "Two and three make five. " * 16 + "\n#### 5"
+    problems = [problem("short"), problem("long", solution=long_solution)]
+    short, long = await run(engine, grader, problems, rounds=2, resolve_attempts=2)
+    assert short.stage is Stage.EXPERT and short.examples[0].response == SOLUTION
+    assert [r.split(":")[0] for r in short.rejected] == ["guided prompt"]  # once: round 2 does not retry it
+    assert short.guided_attempts == 0
+    assert long.examples == [] and long.stage is None  # its solution cannot be scored in 300 tokens
+    assert [r.split(":")[0] for r in long.rejected] == ["guided prompt", "scoring the expert response"]
+    summary = Summary.from_outcomes([short, long])
+    assert summary.rejected_requests == 3 and summary.dropped == 1
