@@ -21,6 +21,7 @@ from services.api.models import (
     ReloadRecord,
     RewriteResponse,
 )
+from shared.retry import DEFAULT_BACKOFF
 from shared.schema import Example
 
 
@@ -139,10 +140,27 @@ class MindgapClient:
         timeout_s: float | None = None,
         on_progress: Callable[[JobStatus], None] | None = None,
     ) -> JobStatus:
-        """Poll until the job finishes; `on_progress` sees every status on the way."""
+        """Poll until the job finishes; `on_progress` sees every status on the way.
+
+        The job runs on whatever happens to the connection, so an unreachable service or a 503 (its Redis is
+        down) is retried with backoff for up to `DEFAULT_BACKOFF.total_s` before the error is raised.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        unavailable_since: float | None = None
+        failures = 0
         while True:
-            status = self.status(job_id)
+            try:
+                status = self.status(job_id)
+            except (ServiceError, httpx.TransportError) as exc:
+                if isinstance(exc, ServiceError) and exc.status != 503:
+                    raise
+                unavailable_since = unavailable_since or time.monotonic()
+                if time.monotonic() - unavailable_since > DEFAULT_BACKOFF.total_s:
+                    raise
+                time.sleep(max(poll_s, DEFAULT_BACKOFF.delay(failures)))
+                failures += 1
+                continue
+            unavailable_since, failures = None, 0
             if on_progress is not None:
                 on_progress(status)
             if status.state in FINISHED_STATES:

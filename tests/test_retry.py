@@ -69,3 +69,61 @@ async def test_clients_carry_timeouts_and_retry() -> None:
     blocking = sync_redis("redis://127.0.0.1:1/0", timeout_s=2.0)
     assert blocking.connection_pool.connection_kwargs["socket_timeout"] == 2.0
     blocking.close()
+
+
+def _status(state: str) -> dict[str, object]:
+    counts = {"self": 0, "guided": 0, "expert": 0}
+    return {
+        "id": "0123456789abcdef",
+        "state": state,
+        "mode": "once",
+        "epochs": 1,
+        "epoch": 0,
+        "created_at": 0.0,
+        "problems": 1,
+        "rows_rejected": 0,
+        "chunks": 1,
+        "chunks_done": 0,
+        "chunks_failed": 0,
+        "problems_done": 0,
+        "progress": 0.0,
+        "stages": counts,
+        "dropped": 0,
+        "ungradable": 0,
+        "examples": counts,
+        "examples_total": 0,
+        "generated_tokens": 0,
+        "policy_versions": [],
+        "errors": [],
+        "params": {},
+        "fields": {},
+    }
+
+
+def test_client_wait_rides_out_an_unavailable_service_but_not_a_client_error() -> None:
+    import httpx
+
+    from services.client import MindgapClient, ServiceError
+
+    answers: list[httpx.Response | Exception] = [
+        httpx.Response(503, json={"detail": "Redis is unavailable, retry later"}),
+        httpx.ConnectError("refused"),
+        httpx.Response(200, json=_status("running")),
+        httpx.Response(503, json={"detail": "Redis is unavailable, retry later"}),
+        httpx.Response(200, json=_status("completed")),
+        httpx.Response(404, json={"detail": "unknown job"}),
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with MindgapClient("http://service", transport=httpx.MockTransport(handler)) as client:
+        seen: list[str] = []
+        final = client.wait("0123456789abcdef", poll_s=0.01, on_progress=lambda s: seen.append(s.state))
+        assert final.state == "completed" and seen == ["running", "completed"]
+        with pytest.raises(ServiceError) as err:
+            client.wait("0123456789abcdef", poll_s=0.01)
+        assert err.value.status == 404
