@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
@@ -46,6 +46,10 @@ from services import evaluate, gap  # noqa: E402
 from shared.benchmarks import data_dir  # noqa: E402
 from shared.config import EngineConfig, StageParams  # noqa: E402
 from shared.dataio import FieldMap, atomic_write_jsonl, atomic_write_text, read_problems  # noqa: E402
+
+if TYPE_CHECKING:
+    from services.engine import Engine
+    from shared.grading import Grader
 
 GSM8K_FIELDS = FieldMap(question="question", answer="answer")
 TOY = {
@@ -112,7 +116,6 @@ class Recorder:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.timings: dict[str, float] = {}
-        self.commands: list[str] = []
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -126,9 +129,10 @@ class Recorder:
     def mindgap(self, *args: object) -> None:
         """Run `mindgap ARGS` (as `python -m shared.cli`), fail loudly, remember the command."""
         argv = [str(a) for a in args]
-        self.commands.append("mindgap " + shlex.join(argv))
-        atomic_write_text(self.out / "commands.txt", "\n".join(self.commands) + "\n")
-        print("$ " + self.commands[-1], file=sys.stderr, flush=True)
+        command = "mindgap " + shlex.join(argv)
+        with (self.out / "commands.txt").open("a") as f:  # appended: a --resume run keeps the earlier ones
+            f.write(command + "\n")
+        print("$ " + command, file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "shared.cli", *argv], check=True, cwd=ROOT)
 
 
@@ -181,72 +185,113 @@ def eval_config(args: argparse.Namespace, output: Path, label: str) -> evaluate.
 
 
 async def base_phase(
-    args: argparse.Namespace, rec: Recorder, train: Path, rewritten: Path, heldout: evaluate.EvalSet
-) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """Raw → expert records, gap report raw vs rewritten, base accuracy: one engine on the base model."""
+    args: argparse.Namespace,
+    rec: Recorder,
+    engine: Engine,
+    grader: Grader,
+    train: Path,
+    rewritten: Path,
+    heldout: evaluate.EvalSet,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On the base weights: raw → expert records, gap report raw vs rewritten, base held-out accuracy."""
     from services.pipeline import rewrite_batch
-    from services.vllm_engine import VLLMEngine
-    from shared.grading import Grader
 
-    engine = await VLLMEngine.create(engine_config(args, args.model))
-    grader = Grader()
-    try:
-        with rec.phase("raw records (expert stage only)"):
-            problems = read_problems(train, GSM8K_FIELDS).problems
-            outcomes = await rewrite_batch(problems, engine, grader, StageParams(k=0, resolve_attempts=0))
-            raw = args.out / "raw.jsonl"
-            atomic_write_jsonl(raw, [ex for o in outcomes for ex in o.examples])
-        with rec.phase("gap report raw vs rewritten"):
-            groups = []
-            sections = []
-            for name, path in (("raw", raw), ("rewritten", rewritten)):
-                seqs = await gap.score_records(engine, gap.load_records(path))
-                groups.append((name, seqs))
-                sections.append(gap.dataset_report(name, path, "records", seqs))
-            gap_rep = gap.gap_report(args.model, sections, rescored=True)
-            gap.write_outputs(gap_rep, groups, args.out / "gap")
-        with rec.phase("eval base"):
-            cfg = eval_config(args, args.out / "eval" / "base.json", "base")
-            base = await evaluate.run_eval(cfg, [heldout], engine, grader)
-    finally:
-        grader.close()
-        await engine.shutdown()
-    return raw, gap_rep, base
+    with rec.phase("raw records (expert stage only)"):
+        problems = read_problems(train, GSM8K_FIELDS).problems
+        outcomes = await rewrite_batch(problems, engine, grader, StageParams(k=0, resolve_attempts=0))
+        atomic_write_jsonl(args.out / "raw.jsonl", [ex for o in outcomes for ex in o.examples])
+    with rec.phase("gap report raw vs rewritten"):
+        groups = []
+        sections = []
+        for name, path in (("raw", args.out / "raw.jsonl"), ("rewritten", rewritten)):
+            seqs = await gap.score_records(engine, gap.load_records(path))
+            groups.append((name, seqs))
+            sections.append(gap.dataset_report(name, path, "records", seqs))
+        gap_rep = gap.gap_report(args.model, sections, rescored=True)
+        gap.write_outputs(gap_rep, groups, args.out / "gap")
+    with rec.phase("eval base"):
+        cfg = eval_config(args, args.out / "eval" / "base.json", "base")
+        base = await evaluate.run_eval(cfg, [heldout], engine, grader)
+    return gap_rep, base
+
+
+def train_runs(args: argparse.Namespace, rec: Recorder, runs: list[Run], data: dict[str, Path]) -> dict[str, Path]:
+    """`mindgap train` for every run with the same step budget; the final checkpoint of each."""
+    precision = args.precision or ("bf16" if _cuda() else "fp32")
+    checkpoints: dict[str, Path] = {}
+    for run in runs:
+        run_dir = args.out / "train" / run.name
+        n_examples = sum(1 for line in data[run.data].read_text().splitlines() if line.strip())
+        epochs = max(1, math.ceil(args.steps * args.batch_size / n_examples))  # the step budget decides
+        if not (args.resume and any((run_dir / "checkpoints").glob("v*/READY"))):
+            shutil.rmtree(run_dir, ignore_errors=True)  # stale checkpoints and appended metrics of older runs
+            run_dir.mkdir(parents=True)
+            with rec.phase(f"train {run.name}"):
+                rec.mindgap(
+                    "train", "--source", data[run.data], "--model", args.model, "--loss", run.loss,
+                    "--max-steps", args.steps, "--batch-size", args.batch_size, "--epochs", epochs,
+                    "--lr", args.lr, "--warmup-steps", args.warmup_steps, "--precision", precision,
+                    "--seed", args.seed, "--checkpoint-dir", run_dir / "checkpoints",
+                    "--checkpoint-every", args.steps, "--keep-checkpoints", 1, "--no-resume",
+                    "--metrics-jsonl", run_dir / "metrics.jsonl", "--tensorboard-dir", run_dir / "tb",
+                    "--max-seq-len", args.max_model_len,
+                )  # fmt: skip
+        checkpoints[run.name] = final_checkpoint(run_dir / "checkpoints")
+    return checkpoints
 
 
 async def finetuned_phase(
     args: argparse.Namespace,
     rec: Recorder,
-    runs: list[Run],
+    engine: Engine,
+    grader: Grader,
     checkpoints: dict[str, Path],
     data: dict[str, Path],
     heldout: evaluate.EvalSet,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
-    """One engine, reloaded per checkpoint: held-out accuracy and training-data NLL of every fine-tune."""
-    from services.vllm_engine import VLLMEngine
-    from shared.grading import Grader
-
+    """Reload each fine-tune's weights: held-out accuracy and its NLL on both training sets."""
     evals: dict[str, dict[str, Any]] = {}
     nll: dict[str, dict[str, float]] = {}
     records = {name: gap.load_records(path) for name, path in data.items()}
-    engine = await VLLMEngine.create(engine_config(args, str(checkpoints[runs[0].name])))
+    for name, checkpoint in checkpoints.items():
+        with rec.phase(f"eval {name}"):
+            await engine.reload(str(checkpoint))
+            cfg = eval_config(args, args.out / "eval" / f"{name}.json", name)
+            evals[name] = await evaluate.run_eval(cfg, [heldout], engine, grader)
+            nll[name] = {}
+            for data_name, recs in records.items():
+                seqs = await gap.score_records(engine, recs)
+                nll[name][data_name] = gap.summarise(seqs)["tokens"]["mean_nll"]
+    return evals, nll
+
+
+async def engine_phases(
+    args: argparse.Namespace, rec: Recorder, runs: list[Run], train: Path, rewritten: Path, heldout: evaluate.EvalSet
+) -> dict[str, Any]:
+    """Everything after the rewrite, on ONE in-process engine that idles while the trainer runs.
+
+    Engine start-up (compilation) dominates small runs on a CPU, so the base weights are served first
+    and every fine-tune's checkpoint is then swapped in with `reload`.
+    """
+    from services.vllm_engine import VLLMEngine
+    from shared.grading import Grader
+
+    data = {"raw": args.out / "raw.jsonl", "rewritten": rewritten}
+    gap_json, base_json = args.out / "gap" / "gap.json", args.out / "eval" / "base.json"
+    engine = await VLLMEngine.create(engine_config(args, args.model))
     grader = Grader()
     try:
-        for i, run in enumerate(runs):
-            with rec.phase(f"eval {run.name}"):
-                if i > 0:
-                    await engine.reload(str(checkpoints[run.name]))
-                out = args.out / "eval" / f"{run.name}.json"
-                cfg = eval_config(args, out, run.name)
-                evals[run.name] = await evaluate.run_eval(cfg, [heldout], engine, grader)
-                nll[run.name] = {}
-                for name, recs in records.items():
-                    seqs = await gap.score_records(engine, recs)
-                    nll[run.name][name] = gap.summarise(seqs)["tokens"]["mean_nll"]
+        if args.resume and data["raw"].is_file() and gap_json.is_file() and base_json.is_file():
+            gap_rep, base = json.loads(gap_json.read_text()), json.loads(base_json.read_text())
+        else:
+            gap_rep, base = await base_phase(args, rec, engine, grader, train, rewritten, heldout)
+        # The trainer runs in subprocesses; the event loop waits in a thread meanwhile.
+        checkpoints = await asyncio.to_thread(train_runs, args, rec, runs, data)
+        evals, nll = await finetuned_phase(args, rec, engine, grader, checkpoints, data, heldout)
     finally:
         grader.close()
         await engine.shutdown()
-    return evals, nll
+    return {"base": base, "finetuned": evals, "train_nll": nll, "gap": gap_rep}
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -283,16 +328,14 @@ def plot_training(metrics: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def results_markdown(
     args: argparse.Namespace,
-    base: dict[str, Any],
-    evals: dict[str, dict[str, Any]],
-    nll: dict[str, dict[str, float]],
+    out: dict[str, Any],
     metrics: dict[str, list[dict[str, Any]]],
-    gap_rep: dict[str, Any],
     summary: dict[str, Any],
     timings: dict[str, float],
 ) -> str:
     """The results page: setup, accuracy table, gap table, rewrite stages, timings."""
     n = args.n
+    base, evals, nll, gap_rep = out["base"], out["finetuned"], out["train_nll"], out["gap"]
 
     def acc(rep: dict[str, Any]) -> list[str]:
         b = next(iter(rep["benchmarks"].values()))
@@ -351,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.out = args.out.resolve()
     rec = Recorder(args.out)
+    if not args.resume:
+        (args.out / "commands.txt").unlink(missing_ok=True)
     src = args.data or data_dir() / "gsm8k" / "train.jsonl"
     if not src.is_file():
         raise SystemExit(f"GSM8K training file not found at {src} (pass --data or set MINDGAP_DATA_DIR)")
@@ -369,53 +414,21 @@ def main(argv: list[str] | None = None) -> None:
             )  # fmt: skip
     summary = json.loads(summary_path.read_text())
 
-    raw, gap_json, base_json = args.out / "raw.jsonl", args.out / "gap" / "gap.json", args.out / "eval" / "base.json"
-    if args.resume and raw.is_file() and gap_json.is_file() and base_json.is_file():
-        gap_rep, base = json.loads(gap_json.read_text()), json.loads(base_json.read_text())
-    else:
-        raw, gap_rep, base = asyncio.run(base_phase(args, rec, train, rewritten, heldout))
-    data = {"raw": raw, "rewritten": rewritten}
-
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     runs = [Run(d, loss) for loss in losses for d in ("raw", "rewritten")] + (
         [Run("rewritten", "is")] if args.is_run else []
     )
-    precision = args.precision or ("bf16" if _cuda() else "fp32")
-    checkpoints: dict[str, Path] = {}
-    metrics: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        run_dir = args.out / "train" / run.name
-        n_examples = sum(1 for line in data[run.data].read_text().splitlines() if line.strip())
-        epochs = max(1, math.ceil(args.steps * args.batch_size / n_examples))  # the step budget decides
-        if not (args.resume and any((run_dir / "checkpoints").glob("v*/READY"))):
-            shutil.rmtree(run_dir, ignore_errors=True)  # stale checkpoints and appended metrics of older runs
-            run_dir.mkdir(parents=True)
-            with rec.phase(f"train {run.name}"):
-                rec.mindgap(
-                    "train", "--source", data[run.data], "--model", args.model, "--loss", run.loss,
-                    "--max-steps", args.steps, "--batch-size", args.batch_size, "--epochs", epochs,
-                    "--lr", args.lr, "--warmup-steps", args.warmup_steps, "--precision", precision,
-                    "--seed", args.seed, "--checkpoint-dir", run_dir / "checkpoints",
-                    "--checkpoint-every", args.steps, "--keep-checkpoints", 1, "--no-resume",
-                    "--metrics-jsonl", run_dir / "metrics.jsonl", "--tensorboard-dir", run_dir / "tb",
-                    "--max-seq-len", args.max_model_len,
-                )  # fmt: skip
-        checkpoints[run.name] = final_checkpoint(run_dir / "checkpoints")
-        metrics[run.name] = read_metrics(run_dir / "metrics.jsonl")
-
-    evals, nll = asyncio.run(finetuned_phase(args, rec, runs, checkpoints, data, heldout))
+    out = asyncio.run(engine_phases(args, rec, runs, train, rewritten, heldout))
+    metrics = {run.name: read_metrics(args.out / "train" / run.name / "metrics.jsonl") for run in runs}
     plot_training(metrics, args.out / "training.png")
-    md = results_markdown(args, base, evals, nll, metrics, gap_rep, summary, rec.timings)
+    md = results_markdown(args, out, metrics, summary, rec.timings)
     atomic_write_text(args.out / "results.md", md)
     results = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "base": base,
-        "finetuned": evals,
-        "train_nll": nll,
-        "gap": gap_rep,
+        **out,
         "rewrite_summary": summary,
         "timings": rec.timings,
-        "commands": rec.commands,
+        "commands": (args.out / "commands.txt").read_text().splitlines(),
     }
     atomic_write_text(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     print(md)
