@@ -36,11 +36,14 @@ def test_bad_value_is_one_line_error(tmp_path: Path):
 def test_forwarded_flags_reproduce_the_options(monkeypatch, tmp_path: Path):
     captured = {}
 
-    def fake_call(argv, env):
-        captured["argv"], captured["env"] = argv, env
-        return 0
+    class FakePopen:
+        def __init__(self, argv, env):
+            captured["argv"], captured["env"] = argv, env
 
-    monkeypatch.setattr("shared.cli.train.subprocess.call", fake_call)
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr("shared.cli.train.subprocess.Popen", FakePopen)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     result = runner.invoke(
         app, ["train", "--nproc", "2", "--loss", "is", "--is-geometric", "--no-resume", "--kl-coef", "0.1", "-v"]

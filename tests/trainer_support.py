@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +76,27 @@ def train_env() -> dict[str, str]:
     return env
 
 
-def run_train(argv: list[str], timeout: float = 420) -> subprocess.CompletedProcess[str]:
-    """Run a trainer to completion; fail with its output tail when it exits non-zero."""
-    proc = subprocess.run(argv, env=train_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run_train(argv: list[str], timeout: float = 600) -> str:
+    """Run a trainer to completion and return its output; on failure or timeout kill its whole process group."""
+    proc = subprocess.Popen(
+        argv,
+        env=train_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun and its ranks share the session: none of them may outlive the test.
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"trainer timed out after {timeout:.0f}s:\n{out[-4000:]}") from None
     if proc.returncode != 0:
-        raise AssertionError(f"trainer exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return proc
+        raise AssertionError(f"trainer exited {proc.returncode}:\n{out[-4000:]}")
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

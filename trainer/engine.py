@@ -48,6 +48,13 @@ def init_distributed() -> Dist:
         # DeepSpeed picks its accelerator at import; it must not probe for GPUs that are not there.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    import deepspeed.ops
+
+    if not cuda:
+        # On CPU, DeepSpeed JIT-builds a shared-memory all-reduce op at init (minutes the first time) under
+        # a lock file that a process killed mid-build leaves behind, so every later start waits forever.
+        # The op only serves inference_all_reduce; training's collectives go through gloo, so skip it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:

@@ -7,6 +7,7 @@ The same command is the entry point of `python -m trainer`, so `torchrun --nproc
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,7 +101,11 @@ def _relaunch(ctx: typer.Context, nproc: int) -> int:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    return subprocess.call(argv, env=env)
+    proc = subprocess.Popen(argv, env=env)
+    # torchrun passes SIGTERM/SIGINT on to every rank, which then stop gracefully (final checkpoint).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()
 
 
 def _forward_flags(ctx: typer.Context) -> list[str]:
