@@ -10,8 +10,8 @@ the training loop calls only after a checkpoint containing their updates is publ
 source first replays this consumer's pending entries (XREADGROUP from id 0), skipping those the resumed
 checkpoint already includes, then reads new ones (`>`). Redis outages are waited out with backoff
 (`shared.retry`); since a read whose reply was lost to a timeout still moved its entries into this
-consumer's pending list, every idle poll replays the pending list again, skipping the entries already
-handed to the loop, so no entry is stranded until the next restart.
+consumer's pending list, every idle poll checks that list (ids only) for entries never handed to the loop
+and replays them, so no entry is stranded until the next restart.
 """
 
 from __future__ import annotations
@@ -250,7 +250,8 @@ class RedisSource:
             else:
                 entries = await self._read(">", n - len(items), self.block_ms)
                 if not entries:
-                    self._replay_from = "0"  # next time: entries a lost reply left pending (see module doc)
+                    if await self._stranded():
+                        self._replay_from = "0"  # next time: entries a lost reply left pending (see module doc)
                     idle = time.monotonic() - self._last_seen
                     if self.should_stop() or (self.idle_exit_s is not None and idle > self.idle_exit_s):
                         return items, True
@@ -264,6 +265,17 @@ class RedisSource:
                 if item is not None:
                     items.append(item)
         return items, False
+
+    async def _stranded(self) -> bool:
+        """Whether this consumer has pending entries the loop was never given (a read's reply was lost)."""
+        # Ids only, and just enough of them: among len(handed) + 1 pending entries one must be stranded.
+        pending: Any = await retry_async(
+            lambda: self.redis.xpending_range(
+                self.keys.examples, TRAINER_GROUP, "-", "+", len(self._handed) + 1, consumername=self.consumer
+            ),
+            "checking pending entries",
+        )
+        return any(_text(p["message_id"]) not in self._handed for p in pending)
 
     async def _read(self, start: str, count: int, block_ms: int | None) -> list[tuple[str, dict[Any, Any] | None]]:
         """XREADGROUP on the examples stream from `start` ('0…' replays this consumer's pending entries)."""
