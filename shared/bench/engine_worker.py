@@ -239,6 +239,7 @@ async def _engine_lines(spec: dict[str, Any]) -> dict[str, Any]:
                     }
                 )
                 runs["naive"].append({"seconds": t2 - t1, "tokens": tokens, "examples": examples})
+                print(f"bench rewrite {rep}: {runs['pipeline'][-1]} naive {runs['naive'][-1]}", flush=True)
         result["rewrite"] = runs
     if spec.get("reload"):
         checkpoint = Path(spec["checkpoint"])
@@ -256,6 +257,7 @@ async def _engine_lines(spec: dict[str, Any]) -> dict[str, Any]:
             t0 = time.monotonic()
             await engine.reload(str(checkpoint))  # the trainer's checkpoint is usually still in the page cache
             warm.append(time.monotonic() - t0)
+            print(f"bench reload: read {reads[-1]:.2f}s cold {cold[-1]:.2f}s warm {warm[-1]:.2f}s", flush=True)
         # the first round is the warm-up
         result["reload"] = {"cold_s": cold[1:], "warm_s": warm[1:], "read_s": reads[1:]}
     await engine.shutdown()
