@@ -73,6 +73,9 @@ class UpConfig(MindgapSettings):
     checkpoint_every: int = Field(10, ge=1, description="trainer steps between published policy versions")
     max_versions: int | None = Field(None, ge=1, description="stop after this many new versions were loaded")
     epochs: int | None = Field(None, ge=1, description="passes of the online job over DATA (None: until stopped)")
+    max_lag: int = Field(
+        64, ge=0, description="service pauses while the trainer lags more examples (keeps data near the policy)"
+    )
     redis_url: str | None = Field(None, description="env MINDGAP_REDIS_URL; None starts a local redis-server")
     key_prefix: str = Field("mindgap", min_length=1, description="prefix of every Redis key")
     host: str = Field("127.0.0.1", description="service bind address")
@@ -473,8 +476,10 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
             "MINDGAP_API_KEYS": plan.api_key,
             "MINDGAP_ADMIN_KEYS": plan.api_key,
         }
-        for spec in (plan.service, plan.trainer):
-            sup.start(ChildSpec(spec.name, spec.argv, {**spec.env, **env}))
+        sup.start(
+            ChildSpec("service", plan.service.argv, {**plan.service.env, **env, "MINDGAP_MAX_LAG": str(cfg.max_lag)})
+        )
+        sup.start(ChildSpec("trainer", plan.trainer.argv, {**plan.trainer.env, **env}))
         await _wait_until(api.ready, f"service {plan.service_url}/readyz", sup, stop, cfg.ready_timeout_s)
         start_version = (await api.policy()).version
         job_id = await api.submit_online(cfg.data, cfg.fields, cfg.params, cfg.epochs)

@@ -30,6 +30,7 @@ def up(
     k: int | None = typer.Option(None, "--k", help="self-samples per problem"),
     resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
     max_tokens: int | None = typer.Option(None, help="response length cap"),
+    max_lag: int | None = typer.Option(None, help="pause rewriting while the trainer lags more examples (64)"),
     engine: str | None = typer.Option(None, "--engine", help="service backend: vllm (default) or fake"),
     host: str | None = typer.Option(None, help="service bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="service port (default: a free one)"),
@@ -48,8 +49,13 @@ def up(
     from shared.orchestrate import OrchestrateError, UpConfig, UpPlan
 
     setup_logging(verbose)
+    # one request line per status poll would bury the live line
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not data.is_file():
         raise fail(f"DATA: no such file {data}")
+    for flag, path in (("--service-config", service_config), ("--train-config", train_config)):
+        if path is not None and not path.is_file():
+            raise fail(f"{flag}: no such file {path}")
     try:
         fields = parse_field_specs(field).mapped()
     except DataError as exc:
@@ -65,6 +71,7 @@ def up(
         "checkpoint_every": checkpoint_every,
         "loss": loss,
         "epochs": epochs,
+        "max_lag": max_lag,
         "backend": engine,
         "host": host,
         "port": port,
@@ -100,12 +107,16 @@ async def _run_live(plan: UpPlan) -> UpResult:
     from shared.orchestrate import LoopStatus, run_up
 
     console = Console(stderr=True)
-    with Live(Text("starting Redis, service and trainer…"), console=console, refresh_per_second=4) as live:
+    try:
+        with Live(Text("starting Redis, service and trainer…"), console=console, refresh_per_second=4) as live:
 
-        def show(status: LoopStatus) -> None:
-            live.update(Text(status.line()))
+            def show(status: LoopStatus) -> None:
+                live.update(Text(status.line()))
 
-        return await run_up(plan, show)
+            return await run_up(plan, show)
+    finally:
+        if not console.is_terminal:
+            console.line()  # off a terminal, Live leaves its last line unterminated
 
 
 def _report(result: UpResult) -> None:
@@ -115,7 +126,8 @@ def _report(result: UpResult) -> None:
     from rich.table import Table
 
     why = "reached --max-versions" if result.reason == "max-versions" else "stopped"
-    table = Table(title=f"policy versions ({why}; started from v{result.start_version})")
+    typer.echo(f"{why}: policy versions after v{result.start_version}, the version served at the start")
+    table = Table()
     for col in ("version", "loaded at (UTC)", "reload s", "outcome"):
         table.add_column(col)
     for r in result.reloads:
