@@ -69,7 +69,7 @@ class UpConfig(MindgapSettings):
     model: str = Field("default", description="HF id, local path or 'default': served and trained")
     backend: Literal["vllm", "fake"] = Field("vllm", description="service inference engine (fake: tests)")
     nproc: int = Field(1, ge=1, description="trainer ranks (torchrun when > 1)")
-    loss: str = Field("dft", description="trainer loss: sft | dft | is")
+    loss: Literal["sft", "dft", "is"] = Field("dft", description="trainer loss")
     checkpoint_every: int = Field(10, ge=1, description="trainer steps between published policy versions")
     max_versions: int | None = Field(None, ge=1, description="stop after this many new versions were loaded")
     epochs: int | None = Field(None, ge=1, description="passes of the online job over DATA (None: until stopped)")

@@ -281,3 +281,12 @@ def test_up_config_reads_toml_env_and_flags_in_that_order(tmp_path: Path, monkey
     assert cfg.redis_url == "redis://example:6379/0"
     with pytest.raises(ValueError, match="nproc"):
         UpConfig.load(config, data=SAMPLE, nproc=0)
+
+
+def test_up_cli_names_a_bad_option_value_in_one_line() -> None:
+    _register()
+    result = CliRunner().invoke(app, ["up", str(SAMPLE), "--loss", "mse", "--max-versions", "0"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: invalid configuration: ")
+    assert "loss: " in line and "max_versions: " in line

@@ -83,8 +83,11 @@ def up(
     }
     try:
         cfg = UpConfig.load(config, **cli)
-    except (ValidationError, FileNotFoundError) as exc:
-        raise fail(f"invalid configuration: {exc}") from None
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise fail(f"invalid configuration: {problems}") from None
     cfg.log_resolved(log)
     plan = UpPlan.from_config(cfg)
     typer.echo(f"run folder {plan.run_dir} (logs in {plan.run_dir / 'logs'})")
