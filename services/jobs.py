@@ -5,7 +5,8 @@ work in its own task stream as chunks `(epoch, chunk)`; a chunk's results are co
 that marks the chunk done, adds the counters, records the examples and appends them to the examples
 stream — all or nothing, and only the first time, so a redelivered chunk (a replica died after the
 commit but before its ack) changes nothing. The same script finishes an epoch: it queues the next epoch
-of an online job, or settles the final state and sets the expiry of a finished job's keys.
+of an online job, or settles the final state and sets the expiry of a finished job's keys (noting when,
+so the creation-time index of jobs is pruned as new jobs arrive and Redis does not grow with every job).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ STAGE_NAMES = tuple(s.value for s in Stage)
 SHOWN_ERRORS = 100
 
 # KEYS: 1 job, 2 done set, 3 results, 4 examples stream, 5 versions, 6 active set, 7 task stream,
-#       8 problems, 9 errors, 10 chunk errors.
+#       8 problems, 9 errors, 10 chunk errors, 11 expiring index.
 # ARGV: 1 chunk key, 2 job id, 3 now, 4 ttl, 5 policy version or '', 6 error or '',
 #       7 number of counters, counter (name, increment) pairs, number of examples, example (id, json) pairs.
 # Returns -1 job finished/unknown (nothing done), 0 chunk already committed, 1 committed,
@@ -80,19 +81,31 @@ redis.call('SREM', KEYS[6], ARGV[2])
 for _, k in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[7], KEYS[8], KEYS[9], KEYS[10]}) do
   redis.call('EXPIRE', k, ARGV[4])
 end
+redis.call('ZADD', KEYS[11], tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[2])
 return 3
 """
 
-# KEYS: 1 job, 2 active set, then every key of the job to expire. ARGV: 1 job id, 2 now, 3 ttl.
+# KEYS: 1 job, 2 active set, 3 expiring index, then every key of the job to expire. ARGV: 1 job id, 2 now, 3 ttl.
 # Returns the state before: only 'queued'/'running' become 'cancelled'.
 _CANCEL_LUA = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'queued' and state ~= 'running' then return state end
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2], 'updated_at', ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[1])
-for i = 3, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 return state
+"""
+
+# KEYS: 1 expiring index, 2 jobs index. ARGV: 1 now. Drops (a bounded batch of) jobs whose keys expired.
+_PRUNE_LUA = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
 """
 
 _MARK_RUNNING_LUA = """
@@ -159,6 +172,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._complete = r.register_script(_COMPLETE_LUA)
         self._cancel = r.register_script(_CANCEL_LUA)
+        self._prune = r.register_script(_PRUNE_LUA)
         self._mark_running = r.register_script(_MARK_RUNNING_LUA)
 
     def _job_keys(self, job_id: str) -> list[str]:
@@ -186,6 +200,8 @@ class JobStore:
         k = self.keys
         chunks = -(-len(problems) // chunk_size)
         now = time.time()
+        # The index would otherwise keep one id per job ever created: drop the expired ones as we go.
+        await self._prune(keys=[k.jobs_expiring, k.jobs], args=[f"{now:.3f}"])
         epochs = 1 if spec.mode == "once" else (spec.epochs or 0)  # 0: until cancelled
         await ensure_group(self.r, k.job_tasks(job_id), REWRITER_GROUP)
         await ensure_group(self.r, k.examples, TRAINER_GROUP)
@@ -306,7 +322,7 @@ class JobStore:
         """Cancel a queued or running job; the state it had before (None when unknown)."""
         k = self.keys
         before = await self._cancel(
-            keys=[k.job(job_id), k.active_jobs, *self._job_keys(job_id)],
+            keys=[k.job(job_id), k.active_jobs, k.jobs_expiring, *self._job_keys(job_id)],
             args=[job_id, f"{time.time():.3f}", self.ttl_s],
         )
         return _text(before) if before is not None else None
@@ -360,6 +376,7 @@ class JobStore:
                 k.job_problems(job_id),
                 k.job_errors(job_id),
                 k.job_chunk_errors(job_id),
+                k.jobs_expiring,
             ],
             args=args,
         )

@@ -63,6 +63,11 @@ class Keys:
         return f"{self.prefix}:job:{job_id}:chunk_errors"
 
     @property
+    def jobs_expiring(self) -> str:
+        """Sorted set of finished job ids scored by when their keys expire: prunes the `jobs` index."""
+        return f"{self.prefix}:jobs:expiring"
+
+    @property
     def active_jobs(self) -> str:
         """Set of ids of jobs that still have chunks to run (queued or running)."""
         return f"{self.prefix}:jobs:active"
