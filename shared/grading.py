@@ -20,6 +20,7 @@ import ast
 import asyncio
 import math
 import multiprocessing
+import os
 import re
 import threading
 import time
@@ -379,6 +380,24 @@ def _worker_ready() -> bool:
     return True
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: exit when the grading process is gone.
+
+    Workers are children of the forkserver, not of the grader's process, and hold the forkserver's
+    liveness pipe open; without this a SIGKILLed service would leave its workers and forkserver behind.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="grader-parent-watch", daemon=True).start()
+
+
 def _mp_context() -> multiprocessing.context.BaseContext:
     # forkserver: safe with threads in the parent (vLLM, asyncio) and fast to re-create after a kill,
     # since new workers fork from a server that has already imported sympy and math-verify.
@@ -427,7 +446,12 @@ class Grader:
     async def _ensure_pool(self) -> ProcessPoolExecutor:
         """The pool, started and warm: worker start-up (seconds on a busy machine) never eats an item's time."""
         if self._pool is None:
-            pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_mp_context())
+            pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=_mp_context(),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
+            )
             self._pool = pool
             warmups = [asyncio.wrap_future(pool.submit(_worker_ready)) for _ in range(self.workers)]
             try:

@@ -299,3 +299,51 @@ async def test_expert_solutions_grade_correct(
     items = [(p.solution or "", p.answer or "") for p in problems]
     assert len(items) == rows
     assert await grader.grade_batch(items, method) == [True] * rows
+
+
+_ORPHAN_SCRIPT = """
+import asyncio, os, signal, sys
+from shared.grading import Grader
+
+async def main():
+    grader = Grader(workers=1)
+    await grader.grade_batch([("\\\\boxed{2}", "2")])
+    pids = [p.pid for p in grader._pool._processes.values()]
+    print(" ".join(map(str, pids)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_workers_exit_when_the_grading_process_is_killed(tmp_path) -> None:
+    """A SIGKILLed service must not leave grader workers (and through them the forkserver) behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    out = tmp_path / "out.txt"
+    # output to a file, not a pipe: orphaned workers would hold a pipe open and hang the wait
+    with out.open("w") as sink:
+        proc = subprocess.run([sys.executable, str(script)], stdout=sink, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == -9, out.read_text()
+    pids = [int(p) for p in out.read_text().split()]
+    assert pids
+    deadline = time.monotonic() + 15
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
+    assert not alive, f"grader workers {alive} outlived their process"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return "Z"
