@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import Field
 from rich.console import Console
@@ -24,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services.engine import Engine
 from services.pipeline import Summary, rewrite_batch
 from shared.config import EngineConfig, MindgapSettings, StageParams
-from shared.dataio import atomic_write_text
+from shared.dataio import atomic_file, atomic_write_text, write_examples_parquet
 from shared.grading import Grader
 from shared.schema import Example, Problem
 
@@ -66,15 +65,13 @@ class AtomicRecordWriter:
         self.path = path
         self.parquet = path.suffix == ".parquet"
         self.count = 0
-        self._tmp: Path | None = None
-        self._fh: IO[str] | None = None
+        self._file: AbstractContextManager[BinaryIO] | None = None
+        self._fh: BinaryIO | None = None
         self._rows: list[dict[str, Any]] = []
 
     def __enter__(self) -> AtomicRecordWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self._tmp = Path(name)
-        self._fh = os.fdopen(fd, "w", encoding="utf-8")
+        self._file = atomic_file(self.path)
+        self._fh = self._file.__enter__()
         return self
 
     def write(self, examples: Iterable[Example]) -> None:
@@ -84,37 +81,17 @@ class AtomicRecordWriter:
             if self.parquet:
                 self._rows.append(ex.model_dump(mode="json"))
             else:
-                self._fh.write(ex.model_dump_json() + "\n")
+                self._fh.write(ex.model_dump_json().encode() + b"\n")
             self.count += 1
         self._fh.flush()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self._fh is not None and self._tmp is not None
-        try:
-            if exc_type is None:
-                if self.parquet:
-                    _write_parquet(self._tmp, self._rows)
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-            self._fh.close()
-            if exc_type is None:
-                # mkstemp creates 0600; the output gets the usual mode for a new file under the umask
-                umask = os.umask(0)
-                os.umask(umask)
-                self._tmp.chmod(0o666 & ~umask)
-                os.replace(self._tmp, self.path)
-        finally:
-            self._tmp.unlink(missing_ok=True)
-
-
-def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # `meta` keys differ by stage; pyarrow unions them into one struct column (absent keys read as null).
-    pq.write_table(pa.Table.from_pylist(rows), path)
+        assert self._file is not None and self._fh is not None
+        if exc_type is None and self.parquet:
+            write_examples_parquet(self._rows, self._fh)
+        self._file.__exit__(exc_type, exc, tb)
 
 
 async def build_engine(cfg: RewriteConfig) -> Engine:

@@ -13,9 +13,10 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
@@ -310,6 +311,12 @@ def read_examples(path: str | Path) -> Iterator[tuple[int, Example | Exception]]
         if isinstance(row, Exception):
             yield line, row
             continue
+        if isinstance(row.get("meta"), str):  # parquet stores meta as JSON text
+            try:
+                row = {**row, "meta": json.loads(row["meta"])}
+            except json.JSONDecodeError as e:
+                yield line, e
+                continue
         try:
             yield line, Example.model_validate(row)
         except ValidationError as e:
@@ -325,16 +332,27 @@ def _record_json(record: BaseModel | dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def _atomic_write(path: str | Path, write: Any) -> None:
-    """Write through `write(binary_file)` into a temp file beside `path`, fsync, then rename over it."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary temp file beside `path` that replaces it (fsynced) only when the block succeeds.
+
+    An interrupted or failed write leaves any old file intact and no temp file behind.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode of a new file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -352,20 +370,29 @@ def _atomic_write(path: str | Path, write: Any) -> None:
         os.close(dir_fd)
 
 
+def write_examples_parquet(rows: Sequence[dict[str, Any]], sink: str | Path | BinaryIO) -> None:
+    """Write example records (as JSON-mode dicts) to parquet.
+
+    `meta` keys differ by stage, so it is stored as a JSON string: the table schema stays fixed and
+    `read_examples` gives back exactly the dict that was written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**r, "meta": json.dumps(r.get("meta") or {})} for r in rows]), sink)
+
+
 def atomic_write_jsonl(path: str | Path, records: Iterable[BaseModel | dict[str, Any]]) -> int:
     """Write records as JSONL atomically (an interrupted write leaves any old file intact); returns the count."""
     count = 0
-
-    def write(f: Any) -> None:
-        nonlocal count
+    with atomic_file(path) as f:
         for record in records:
             f.write(_record_json(record).encode("utf-8") + b"\n")
             count += 1
-
-    _atomic_write(path, write)
     return count
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))

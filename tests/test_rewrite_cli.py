@@ -94,6 +94,10 @@ def test_parquet_output_reads_back(data: Path, tmp_path: Path) -> None:
     assert invoke(data, "-o", out).exit_code == 0
     rows = list(read_examples(out))
     assert len(rows) == 4 and all(isinstance(ex, Example) for _, ex in rows)
+    # the same records as the JSONL output, `meta` included, exactly
+    as_jsonl = tmp_path / "out.jsonl"
+    assert invoke(data, "-o", as_jsonl).exit_code == 0
+    assert [ex.model_dump() for _, ex in rows] == [ex.model_dump() for _, ex in read_examples(as_jsonl)]
 
 
 def test_strict_makes_a_bad_row_fatal(data: Path, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from shared.dataio import (
     parse_field_specs,
     parse_upload,
     read_problems_from_rows,
+    write_examples_parquet,
 )
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -237,13 +238,8 @@ async def job_results(job_id: JobId, state: State, format: Literal["jsonl", "par
 
 
 def _parquet(rows: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    # `meta` keys differ by stage: one JSON string column keeps the table schema fixed
-    table = pa.Table.from_pylist([{**r, "meta": json.dumps(r["meta"])} for r in rows])
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    write_examples_parquet(rows, buffer)
     return buffer.getvalue()
 
 
