@@ -10,8 +10,15 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from shared.config import MindgapSettings
+
+S = TypeVar("S", bound="MindgapSettings")
 
 app = typer.Typer(
     name="mindgap",
@@ -42,6 +49,29 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `message` as one clear error line and return the Exit to raise."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
+
+
+def load_config(cls: type[S], config: Path | None, logger: logging.Logger | None = None, **overrides: Any) -> S:
+    """Resolve a process config from `config` + env + flags; bad values exit with one line naming the fields.
+
+    Nested tables in `overrides` (e.g. ``engine={"model": …}``) are merged into the file's and the
+    environment's, not swapped for them. With `logger`, the resolved config is logged.
+    """
+    from pydantic import ValidationError
+
+    try:
+        cfg = cls.load(config, **overrides)
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            ": ".join(part for part in (".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")) if part)
+            for e in exc.errors()
+        )
+        raise fail(f"invalid configuration: {problems}") from None
+    if logger is not None:
+        cfg.log_resolved(logger)
+    return cfg
 
 
 def hard_exit(code: int) -> None:

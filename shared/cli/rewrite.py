@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 
-from shared.cli import app, fail, hard_exit, setup_logging
+from shared.cli import app, fail, hard_exit, load_config, setup_logging
 
 if TYPE_CHECKING:
     from services.offline import RewriteConfig
@@ -65,8 +65,12 @@ def rewrite(
         "enable_prefix_caching": False if no_prefix_caching else None,
         "enforce_eager": enforce_eager or None,
     }
-    cfg = _load_config(
+    from services.offline import RewriteConfig
+
+    cfg = load_config(
+        RewriteConfig,
         config,
+        log,
         input=input,
         output=output,
         fields=field or None,
@@ -84,22 +88,6 @@ def rewrite(
         hard_exit(code)  # the vLLM CPU engine can abort in interpreter teardown
     if code:
         raise typer.Exit(code)
-
-
-def _load_config(config: Path | None, **overrides: Any) -> RewriteConfig:
-    from pydantic import ValidationError
-
-    from services.offline import RewriteConfig
-
-    try:
-        cfg = RewriteConfig.load(config, **overrides)
-    except FileNotFoundError as exc:
-        raise fail(str(exc)) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(f"invalid configuration: {problems}") from None
-    cfg.log_resolved(log)
-    return cfg
 
 
 async def _run(cfg: RewriteConfig) -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from shared.cli import app, fail, hard_exit, setup_logging
+from shared.cli import app, fail, hard_exit, load_config, setup_logging
 
 if TYPE_CHECKING:
     from services.api.models import JobStatus
@@ -40,8 +40,6 @@ def serve(
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Serve the rewrite API: jobs over REST, cross-job batching, examples into the Redis stream."""
-    from pydantic import ValidationError
-
     from services.auth import check_bind
     from services.settings import ServiceConfig
 
@@ -59,18 +57,11 @@ def serve(
         "claim_idle_ms": claim_idle_ms,
         "fake_delay_s": fake_delay,
     }
+    if model is not None:
+        overrides["engine"] = {"model": model}  # merged into the file's/env's engine table
+    cfg = load_config(ServiceConfig, config, **overrides)
     try:
-        if model is not None:
-            # merge into the engine table of the file/env instead of replacing it
-            base = ServiceConfig.load(config, **overrides)
-            overrides["engine"] = base.engine.model_copy(update={"model": model})
-        cfg = ServiceConfig.load(config, **overrides)
         check_bind(cfg)
-    except FileNotFoundError as exc:
-        raise fail(str(exc)) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(f"invalid configuration: {problems}") from None
     except ValueError as exc:
         raise fail(str(exc)) from None
     code = _serve(cfg)

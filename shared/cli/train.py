@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from shared.cli import app, fail, setup_logging
+from shared.cli import app, fail, load_config, setup_logging
 
 _NO_FORWARD = {"nproc", "verbose"}
 
@@ -73,15 +73,10 @@ def train(
 ) -> None:
     """Fine-tune on example records (SFT, DFT or importance-weighted), publishing checkpoints as policy versions."""
     setup_logging(verbose)
-    from pydantic import ValidationError
-
     from trainer.config import TrainerConfig
 
     overrides = {k: v for k, v in ctx.params.items() if k not in ("config", "verbose")}
-    try:
-        cfg = TrainerConfig.load(config, **overrides)
-    except (ValidationError, FileNotFoundError) as exc:
-        raise fail(_one_line(exc)) from None
+    cfg = load_config(TrainerConfig, config, **overrides)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         raise typer.Exit(_relaunch(ctx, cfg.nproc))
     from trainer.train import run
@@ -122,16 +117,6 @@ def _forward_flags(ctx: typer.Context) -> list[str]:
     if ctx.params.get("verbose"):
         flags.append("--verbose")
     return flags
-
-
-def _one_line(exc: Exception) -> str:
-    if hasattr(exc, "errors"):
-        parts = [
-            ": ".join(x for x in (".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) if x)
-            for e in exc.errors()
-        ]
-        return "invalid train config: " + "; ".join(parts)
-    return " ".join(str(exc).split())
 
 
 def main() -> None:
