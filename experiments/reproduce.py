@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="eval: sampling temperature")
     p.add_argument("--eval-max-tokens", type=int, default=320, help="eval: response length cap")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument(
+        "--train-nll", action="store_true", help="also score both training sets under every fine-tune (slow on CPU)"
+    )
     p.add_argument("--toy", action="store_true", help="tiny sizes for an end-to-end check in minutes")
     p.add_argument(
         "--resume", action="store_true", help="reuse finished steps in --out (same settings): rewrite, base phase, runs"
@@ -170,7 +173,10 @@ def _finite(xs: list[Any]) -> list[float]:
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     """Engine options for both engine phases."""
-    return EngineConfig(model=model, max_model_len=args.max_model_len, kv_cache_gib=1, seed=args.seed)
+    # Prefix caching off: a 64-request scoring batch stalled with it on in one CPU run (cause not isolated).
+    return EngineConfig(
+        model=model, max_model_len=args.max_model_len, kv_cache_gib=1, seed=args.seed, enable_prefix_caching=False
+    )
 
 
 def eval_config(args: argparse.Namespace, output: Path, label: str) -> evaluate.EvalConfig:
@@ -184,30 +190,39 @@ def eval_config(args: argparse.Namespace, output: Path, label: str) -> evaluate.
     )
 
 
+async def raw_records(args: argparse.Namespace, rec: Recorder, engine: Engine, grader: Grader, train: Path) -> Path:
+    """The raw slice as expert-stage records: the pipeline with k = 0 and no guided attempts, on the base model."""
+    from services.pipeline import rewrite_batch
+
+    raw: Path = args.out / "raw.jsonl"
+    with rec.phase("raw records (expert stage only)"):
+        problems = read_problems(train, GSM8K_FIELDS).problems
+        outcomes = await rewrite_batch(problems, engine, grader, StageParams(k=0, resolve_attempts=0))
+        atomic_write_jsonl(raw, [ex for o in outcomes for ex in o.examples])
+    return raw
+
+
 async def base_phase(
     args: argparse.Namespace,
     rec: Recorder,
     engine: Engine,
     grader: Grader,
-    train: Path,
-    rewritten: Path,
+    data: dict[str, Path],
     heldout: evaluate.EvalSet,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """On the base weights: raw → expert records, gap report raw vs rewritten, base held-out accuracy."""
-    from services.pipeline import rewrite_batch
+    """Gap report raw vs rewritten under the base model, and the base model's held-out accuracy.
 
-    with rec.phase("raw records (expert stage only)"):
-        problems = read_problems(train, GSM8K_FIELDS).problems
-        outcomes = await rewrite_batch(problems, engine, grader, StageParams(k=0, resolve_attempts=0))
-        atomic_write_jsonl(args.out / "raw.jsonl", [ex for o in outcomes for ex in o.examples])
+    Both record files carry `target_logprobs` from the base model on the training prompt (the rewrite
+    and the raw conversion scored them), so the gap report reuses them instead of scoring again.
+    """
     with rec.phase("gap report raw vs rewritten"):
         groups = []
         sections = []
-        for name, path in (("raw", args.out / "raw.jsonl"), ("rewritten", rewritten)):
-            seqs = await gap.score_records(engine, gap.load_records(path))
+        for name, path in data.items():
+            seqs = await gap.score_records(None, gap.load_records(path), rescore=False)
             groups.append((name, seqs))
             sections.append(gap.dataset_report(name, path, "records", seqs))
-        gap_rep = gap.gap_report(args.model, sections, rescored=True)
+        gap_rep = gap.gap_report(args.model, sections, rescored=False)
         gap.write_outputs(gap_rep, groups, args.out / "gap")
     with rec.phase("eval base"):
         cfg = eval_config(args, args.out / "eval" / "base.json", "base")
@@ -259,7 +274,7 @@ async def finetuned_phase(
             cfg = eval_config(args, args.out / "eval" / f"{name}.json", name)
             evals[name] = await evaluate.run_eval(cfg, [heldout], engine, grader)
             nll[name] = {}
-            for data_name, recs in records.items():
+            for data_name, recs in records.items() if args.train_nll else ():
                 seqs = await gap.score_records(engine, recs)
                 nll[name][data_name] = gap.summarise(seqs)["tokens"]["mean_nll"]
     return evals, nll
@@ -268,25 +283,35 @@ async def finetuned_phase(
 async def engine_phases(
     args: argparse.Namespace, rec: Recorder, runs: list[Run], train: Path, rewritten: Path, heldout: evaluate.EvalSet
 ) -> dict[str, Any]:
-    """Everything after the rewrite, on ONE in-process engine that idles while the trainer runs.
+    """Everything after the rewrite, on ONE in-process engine; the fine-tunes train meanwhile.
 
     Engine start-up (compilation) dominates small runs on a CPU, so the base weights are served first
-    and every fine-tune's checkpoint is then swapped in with `reload`.
+    and every fine-tune's checkpoint is then swapped in with `reload`. The trainer runs in subprocesses
+    as soon as both record files exist, alongside the gap report and the base model's evaluation.
     """
     from services.vllm_engine import VLLMEngine
     from shared.grading import Grader
 
     data = {"raw": args.out / "raw.jsonl", "rewritten": rewritten}
     gap_json, base_json = args.out / "gap" / "gap.json", args.out / "eval" / "base.json"
+
+    def start_training() -> asyncio.Future[dict[str, Path]]:
+        # run_in_executor starts the thread at once (to_thread would wait for the loop, which the
+        # engine's synchronous start-up blocks).
+        return asyncio.get_running_loop().run_in_executor(None, train_runs, args, rec, runs, data)
+
+    training = start_training() if args.resume and data["raw"].is_file() else None
     engine = await VLLMEngine.create(engine_config(args, args.model))
     grader = Grader()
     try:
-        if args.resume and data["raw"].is_file() and gap_json.is_file() and base_json.is_file():
+        if training is None:
+            await raw_records(args, rec, engine, grader, train)
+            training = start_training()
+        if args.resume and gap_json.is_file() and base_json.is_file():
             gap_rep, base = json.loads(gap_json.read_text()), json.loads(base_json.read_text())
         else:
-            gap_rep, base = await base_phase(args, rec, engine, grader, train, rewritten, heldout)
-        # The trainer runs in subprocesses; the event loop waits in a thread meanwhile.
-        checkpoints = await asyncio.to_thread(train_runs, args, rec, runs, data)
+            gap_rep, base = await base_phase(args, rec, engine, grader, data, heldout)
+        checkpoints = await training
         evals, nll = await finetuned_phase(args, rec, engine, grader, checkpoints, data, heldout)
     finally:
         grader.close()
@@ -326,6 +351,10 @@ def plot_training(metrics: dict[str, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+def _nll(row: dict[str, float], name: str) -> str:
+    return f"{row[name]:.3f}" if name in row else "–"
+
+
 def results_markdown(
     args: argparse.Namespace,
     out: dict[str, Any],
@@ -361,7 +390,7 @@ def results_markdown(
         final = f"{sum(tail) / len(tail):.3f}" if tail else "–"
         lines.append(
             f"| {name} | {data} | {loss} | {' | '.join(acc(rep))} | {final} "
-            f"| {nll[name]['raw']:.3f} | {nll[name]['rewritten']:.3f} |"
+            f"| {_nll(nll[name], 'raw')} | {_nll(nll[name], 'rewritten')} |"
         )
     stages = summary.get("stages", {})
     stage_text = ", ".join(f"{s} {v.get('problems', 0)}" for s, v in stages.items())

@@ -51,7 +51,7 @@ def test_reproduction_runs_end_to_end_at_toy_size(tiny_model_dir: Path, data_dir
     out = tmp_path / "repro"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "MINDGAP_DATA_DIR": str(data_dir)}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--toy", "--model", str(tiny_model_dir)],
+        [sys.executable, str(SCRIPT), "--out", str(out), "--toy", "--train-nll", "--model", str(tiny_model_dir)],
         env=env,
         capture_output=True,
         text=True,
