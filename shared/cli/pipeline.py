@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from shared.cli import app, fail, setup_logging
+from shared.cli import app, fail, load_config, setup_logging
 
 if TYPE_CHECKING:
     from shared.orchestrate import UpPlan, UpResult
@@ -43,8 +43,6 @@ def up(
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Start Redis (unless MINDGAP_REDIS_URL is set), the service and the trainer; rewrite DATA online."""
-    from pydantic import ValidationError
-
     from shared.dataio import DataError, parse_field_specs
     from shared.orchestrate import OrchestrateError, UpConfig, UpPlan
 
@@ -81,14 +79,7 @@ def up(
         "train_config": train_config,
         "grace_s": grace,
     }
-    try:
-        cfg = UpConfig.load(config, **cli)
-    except FileNotFoundError as exc:
-        raise fail(str(exc)) from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise fail(f"invalid configuration: {problems}") from None
-    cfg.log_resolved(log)
+    cfg = load_config(UpConfig, config, log, **cli)
     plan = UpPlan.from_config(cfg)
     typer.echo(f"run folder {plan.run_dir} (logs in {plan.run_dir / 'logs'})")
     typer.echo(f"service {plan.service_url} (bearer key in {plan.run_dir / 'api_key'})")
