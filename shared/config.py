@@ -68,6 +68,14 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
 
 
+def _is_secret_name(name: str) -> bool:
+    """Whether a config field holds credentials (api_keys, admin_keys, hf_token…; not key_prefix)."""
+    words = name.lower().split("_")
+    return any(w in ("key", "keys", "token", "password", "secret", "secrets") for w in words) and (
+        words[-1] != "prefix"
+    )
+
+
 class MindgapSettings(BaseSettings):
     """Base of every process config: TOML + env + CLI, unknown keys rejected."""
 
@@ -111,7 +119,7 @@ class MindgapSettings(BaseSettings):
         """The config as plain data with secret-looking fields masked."""
         data = self.model_dump(mode="json")
         for key in list(data):
-            if any(s in key for s in ("key", "token", "password", "secret")) and data[key]:
+            if _is_secret_name(key) and data[key]:
                 data[key] = "***"
             elif isinstance(data[key], str):
                 data[key] = redact_url_credentials(data[key])

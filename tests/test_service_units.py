@@ -92,7 +92,9 @@ def test_settings_from_env_split_keys_and_reject_unknown(monkeypatch: pytest.Mon
     cfg = ServiceConfig.load(None, port=9000)
     assert cfg.api_keys == ["a", "b", "c"] and cfg.admin_keys == ["root"] and cfg.auth_enabled
     assert cfg.redis_url == "redis://example:6380/2" and cfg.engine.model == "/models/x" and cfg.port == 9000
-    assert cfg.redacted()["api_keys"] == "***"
+    shown = cfg.redacted()
+    assert shown["api_keys"] == shown["admin_keys"] == "***"
+    assert shown["key_prefix"] == cfg.key_prefix and shown["stages"]["max_tokens"] == cfg.stages.max_tokens
     with pytest.raises(ValueError, match="max_lagg"):
         ServiceConfig(max_lagg=3)  # type: ignore[call-arg]
 
