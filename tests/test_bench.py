@@ -127,14 +127,17 @@ def test_run_bench_records_a_broken_line_and_goes_on(tmp_path: Path):
     def broken(ctx: BenchContext, parts: frozenset[str]) -> LineResult:
         raise RuntimeError("engine would not start")
 
+    written: list[int] = []
     report = run_bench(
         ["queue", "rewrite", "reload"],
         quick=True,
         repeat=2,
         data_dir=tmp_path,
         runners={"queue": good, "engine": broken},
+        on_line=lambda r: written.append(len(r.lines)),
     )
     assert seen == [frozenset({"queue"})]
+    assert written == [1, 2]  # the report is handed out after every line, so a cut-short run keeps results
     assert [line.name for line in report.lines] == ["queue", "rewrite+reload"]
     assert [line.name for line in report.failed] == ["rewrite+reload"]
     assert report.failed[0].error == "RuntimeError: engine would not start"

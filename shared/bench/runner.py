@@ -74,8 +74,13 @@ def run_bench(
     model: str = "default",
     work_dir: Path | None = None,
     runners: dict[str, LineRunner] | None = None,
+    on_line: Callable[[Report], object] | None = None,
 ) -> Report:
-    """Run `names` (from `select`) and return the report; `runners` replaces line modules by name (tests)."""
+    """Run `names` (from `select`) and return the report.
+
+    `on_line` sees the report after every line (the CLI writes it then, so a run cut short keeps what it
+    measured); `runners` replaces line modules by name (tests).
+    """
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of a bench job otherwise
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report = Report(started=started, quick=quick, repeat=repeat, machine=machine_info())
@@ -96,5 +101,7 @@ def run_bench(
             result.seconds = time.monotonic() - start
             log.info("bench %s: done in %.0f s", name, result.seconds)
             report.lines.append(result)
-    report.seconds = time.monotonic() - t0
+            report.seconds = time.monotonic() - t0
+            if on_line is not None:
+                on_line(report)
     return report

@@ -38,7 +38,14 @@ def bench(
         raise fail(str(exc)) from None
     if not (data_dir / "gsm8k" / "train.jsonl").is_file() and set(names) - {"queue"}:
         raise fail(f"--data-dir: {data_dir / 'gsm8k' / 'train.jsonl'} not found")
-    report = run_bench(names, quick=quick, repeat=repeat or (3 if quick else 5), data_dir=data_dir, model=model)
+    report = run_bench(
+        names,
+        quick=quick,
+        repeat=repeat or (3 if quick else 5),
+        data_dir=data_dir,
+        model=model,
+        on_line=lambda r: r.write(out),
+    )
     json_path, md_path = report.write(out)
     typer.echo(report.to_markdown())
     typer.echo(f"wrote {json_path} and {md_path}")
