@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api import health, jobs, policy, rewrite
 from services.api.deps import ServiceState
-from services.engine import Engine
+from services.engine import Engine, create_engine
 from services.jobs import JobStore
 from services.metrics import Metrics
 from services.policy import STOP_CHECK_S, PolicyWatcher
@@ -44,14 +44,8 @@ EngineFactory = Callable[[ServiceConfig], Awaitable[Engine]]
 
 
 async def default_engine(cfg: ServiceConfig) -> Engine:
-    """The engine `cfg.backend` names: vLLM in process (model resolved first) or the test fake."""
-    if cfg.backend == "fake":
-        from services.fake_engine import FakeEngine
-
-        return FakeEngine.from_config(cfg.engine, delay=cfg.fake_delay_s)
-    from services.vllm_engine import VLLMEngine
-
-    return await VLLMEngine.create(cfg.engine)  # resolves "default" and HF ids itself
+    """The engine `cfg.backend` names, with the service's fake delay for tests."""
+    return await create_engine(cfg.backend, cfg.engine, cfg.fake_delay_s)
 
 
 class BodyLimit:

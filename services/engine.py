@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
+from shared.config import EngineConfig
 from shared.schema import ChatMessage
 
 
@@ -84,3 +85,14 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Release the engine's processes and memory."""
         ...
+
+
+async def create_engine(backend: Literal["vllm", "fake"], cfg: EngineConfig, fake_delay_s: float = 0.0) -> Engine:
+    """The engine `backend` names: vLLM in process (it resolves "default" and HF ids) or the test fake."""
+    if backend == "fake":
+        from services.fake_engine import FakeEngine
+
+        return FakeEngine.from_config(cfg, delay=fake_delay_s)
+    from services.vllm_engine import VLLMEngine
+
+    return await VLLMEngine.create(cfg)

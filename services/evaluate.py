@@ -337,17 +337,6 @@ async def run_eval(
     return rep
 
 
-async def build_engine(backend: Literal["vllm", "fake"], engine_cfg: EngineConfig) -> Engine:
-    """The vLLM engine in process, or the deterministic fake for tests."""
-    if backend == "fake":
-        from services.fake_engine import FakeEngine
-
-        return FakeEngine.from_config(engine_cfg)
-    from services.vllm_engine import VLLMEngine
-
-    return await VLLMEngine.create(engine_cfg)
-
-
 def markdown_path(output: Path) -> Path:
     """Where the Markdown table goes: beside the JSON, same stem, `.md`."""
     return output.with_suffix(".md")

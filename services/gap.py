@@ -314,7 +314,7 @@ class GapConfig(MindgapSettings):
 
 async def run_gap(cfg: GapConfig) -> dict[str, Any]:
     """Load the inputs (all errors before any engine starts), score them on one engine, write the report."""
-    from services.evaluate import build_engine
+    from services.engine import create_engine
 
     fields = parse_field_specs(cfg.fields) if cfg.fields else None
     loaded: list[tuple[str, Path, DataKind, list[Problem] | list[Example]]] = []
@@ -324,7 +324,7 @@ async def run_gap(cfg: GapConfig) -> dict[str, Any]:
         log.info("%s: %d %s from %s", name, len(data), kind, path)
         loaded.append((name, path, kind, data))
 
-    engine = await build_engine(cfg.backend, cfg.engine) if cfg.needs_engine() else None
+    engine = await create_engine(cfg.backend, cfg.engine) if cfg.needs_engine() else None
     groups: list[tuple[str, list[Scored]]] = []
     sections = []
     try:

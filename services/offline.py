@@ -94,17 +94,6 @@ class AtomicRecordWriter:
         self._file.__exit__(exc_type, exc, tb)
 
 
-async def build_engine(cfg: RewriteConfig) -> Engine:
-    """The engine named by `cfg.backend`: vLLM in process or the test fake."""
-    if cfg.backend == "fake":
-        from services.fake_engine import FakeEngine
-
-        return FakeEngine.from_config(cfg.engine)
-    from services.vllm_engine import VLLMEngine
-
-    return await VLLMEngine.create(cfg.engine)
-
-
 async def rewrite_problems(
     cfg: RewriteConfig,
     problems: Sequence[Problem],

@@ -102,9 +102,9 @@ def evaluate(
         raise fail(str(exc)) from None
 
     async def run() -> dict[str, Any]:
-        from services.evaluate import build_engine
+        from services.engine import create_engine
 
-        eng = await build_engine(cfg.backend, cfg.engine)
+        eng = await create_engine(cfg.backend, cfg.engine)
         try:
             return await run_eval(cfg, sets, eng)
         finally:

@@ -95,7 +95,8 @@ async def _run(cfg: RewriteConfig) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from services.offline import build_engine, rewrite_problems
+    from services.engine import create_engine
+    from services.offline import rewrite_problems
     from shared.dataio import DataError, parse_field_specs, read_problems
     from shared.models import ModelNotAvailableError
 
@@ -117,7 +118,7 @@ async def _run(cfg: RewriteConfig) -> int:
         raise fail(f"no usable problems in {cfg.input}")
 
     try:
-        engine = await build_engine(cfg)
+        engine = await create_engine(cfg.backend, cfg.engine)
     except ModelNotAvailableError as exc:
         raise fail(str(exc)) from None
     try:
