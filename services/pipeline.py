@@ -35,7 +35,7 @@ from services.engine import Engine, RequestRejected, Sample, SamplingConfig
 from shared.config import GuidanceMode, StageParams
 from shared.grading import Grader, extract_gold, extract_prediction
 from shared.prompts import guided_messages, leak_reason, solve_messages
-from shared.schema import ChatMessage, Example, Grade, Problem, Stage, example_id
+from shared.schema import ChatMessage, Example, Grade, Problem, Stage, example_id, wire_logprobs
 
 STAGES = (Stage.SELF, Stage.GUIDED, Stage.EXPERT)
 
@@ -269,8 +269,8 @@ def _example(w: _Work, kept: _Kept, target: list[float], policy_version: int, id
         completion_token_ids=kept.token_ids,
         stage=kept.stage,
         policy_version=policy_version,
-        behavior_logprobs=kept.behavior_logprobs,
-        target_logprobs=list(target),
+        behavior_logprobs=None if kept.behavior_logprobs is None else wire_logprobs(kept.behavior_logprobs),
+        target_logprobs=wire_logprobs(target),
         answer=w.gold,
         grade=kept.grade,
         meta=meta,

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
+# Log-probs are stored rounded to this many decimals: at most 5e-8 off, below float32 resolution for
+# |log p| >= 1 and far below engine-to-trainer noise (~3e-5), while the JSON record shrinks by a third
+# and parses about twice as fast (a float32 printed as a double takes 17 digits).
+LOGPROB_DECIMALS = 7
 
 
 class Stage(StrEnum):
@@ -83,6 +89,11 @@ class Example(BaseModel):
     def response(self) -> str:
         """The assistant text of the completion."""
         return self.completion[-1].content
+
+
+def wire_logprobs(values: Sequence[float]) -> list[float]:
+    """`values` as an example stores them: rounded to `LOGPROB_DECIMALS` decimals."""
+    return np.round(np.asarray(values, dtype=np.float64), LOGPROB_DECIMALS).tolist()  # type: ignore[no-any-return]
 
 
 def example_id(*parts: object) -> str:

@@ -53,7 +53,7 @@ async def test_solved_in_stage_one(grader: Grader) -> None:
     assert ex.completion_token_ids == engine.encode_completion(ex.response)
     assert ex.completion_token_ids[-1] == EOS_ID
     plain = engine.render_prompt(solve_messages(QUESTION))
-    assert ex.target_logprobs == await engine.score(plain, ex.completion_token_ids)
+    assert ex.target_logprobs == pytest.approx(await engine.score(plain, ex.completion_token_ids), abs=1e-7)
     # behaviour = processed log-probs of the sampling distribution on the plain prompt (fake: target / T)
     assert ex.behavior_logprobs == pytest.approx([t / 0.7 for t in ex.target_logprobs])
     assert ex.meta["finish_reason"] == "stop" and ex.meta["guidance"] is None

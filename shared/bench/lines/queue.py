@@ -20,6 +20,7 @@ import uuid
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
+import numpy as np
 import redis
 import redis.asyncio as aioredis
 
@@ -28,7 +29,7 @@ from shared.bench.redis_server import ThrowawayRedis
 from shared.bench.report import LineResult
 from shared.bench.stats import Row, summarize
 from shared.keys import TRAINER_GROUP, Keys
-from shared.schema import ChatMessage, Example, Stage, example_id
+from shared.schema import ChatMessage, Example, Stage, example_id, wire_logprobs
 from shared.streams import ensure_group, publish_examples
 
 TARGET = 0.5
@@ -38,8 +39,9 @@ def sample_example(index: int, tokens: int = 256, seed: int = 0) -> Example:
     """A realistic self-stage example: `tokens` completion tokens with both log-prob lists."""
     rng = random.Random(seed * 1_000_003 + index)
     ids = [rng.randrange(49_152) for _ in range(tokens)]
-    behavior = [-rng.expovariate(2.0) for _ in range(tokens)]
-    target = [b - rng.random() * 0.1 for b in behavior]
+    # float32 values, as the engine returns them, stored the way the pipeline stores them
+    behavior = np.float32([-rng.expovariate(2.0) for _ in range(tokens)])
+    target = behavior - np.float32([rng.random() * 0.1 for _ in range(tokens)])
     words = " ".join(f"w{rng.randrange(10_000)}" for _ in range(tokens * 3 // 4))
     return Example(
         id=example_id("bench", index),
@@ -49,8 +51,8 @@ def sample_example(index: int, tokens: int = 256, seed: int = 0) -> Example:
         completion_token_ids=ids,
         stage=Stage.SELF,
         policy_version=0,
-        behavior_logprobs=behavior,
-        target_logprobs=target,
+        behavior_logprobs=wire_logprobs(behavior),
+        target_logprobs=wire_logprobs(target),
         answer="87",
         grade="correct",
         meta={"self_attempts": 4},
