@@ -5,6 +5,8 @@ Layout under `checkpoint_dir`:
   state/v{N}/     DeepSpeed's optimizer/scheduler/module state (ZeRO partitions as they are)
 The weights folder is written under a temporary name and renamed, so a reader (the rewrite service) never
 sees a partial `v{N}/`; a `v{N}` without READY — a crash mid-save — is ignored and overwritten.
+trainer_state.json records the world size and the effective ZeRO stage, because DeepSpeed's state is saved per
+rank in that stage's layout: a resume with another layout is refused up front (`check_layout`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,42 @@ def read_state(root: Path, version: int) -> dict[str, Any]:
     """The trainer_state.json of a version (step, stream position, ids trained in its segment…)."""
     data: dict[str, Any] = json.loads((weights_dir(root, version) / STATE_FILE).read_text())
     return data
+
+
+def check_layout(root: Path, version: int, state: dict[str, Any], world: int, zero_stage: int) -> None:
+    """Refuse (ValueError) to resume `version` when it was written with another world size or effective ZeRO stage."""
+    where = weights_dir(root, version)
+    if "world_size" not in state or "zero_stage" not in state:
+        # Written before the layout was recorded. One case is known not to load, and it is the default run
+        # of those versions: ZeRO-1/2 on one rank, which now runs as stage 0 (DeepSpeed fails obscurely there).
+        if world == 1 and zero_stage == 0 and _one_rank_zero12(state_root(root) / f"v{version}"):
+            raise ValueError(
+                f"cannot resume from {where}: its DeepSpeed state is ZeRO-1/2 on one rank, written before one rank"
+                " ran those as stage 0, and stage 0 cannot load it. Start a new --checkpoint-dir with"
+                f" --model {where} (weights only: step, optimizer state and source position start over)"
+            )
+        return
+    was = (int(state["world_size"]), int(state["zero_stage"]))
+    if was == (world, zero_stage):
+        return
+    raise ValueError(
+        f"cannot resume from {where}: it was written by {_layout(*was)}, this run is {_layout(world, zero_stage)}."
+        " DeepSpeed saves optimizer state per rank in its ZeRO stage's layout: resume with the checkpoint's"
+        f" --nproc/--zero-stage, or start a new --checkpoint-dir with --model {where} (weights only)"
+    )
+
+
+def _layout(world: int, stage: int) -> str:
+    # On one rank, ZeRO-1/2 run as stage 0 (trainer.engine.effective_zero_stage): any of those flags fits.
+    flags = "0, 1 or 2" if world == 1 and stage == 0 else str(stage)
+    return f"world size {world} at ZeRO stage {stage} (--nproc {world} --zero-stage {flags})"
+
+
+def _one_rank_zero12(state_dir: Path) -> bool:
+    # DeepSpeed's file names: ZeRO-1/2/3 write one [bf16_]zero_pp_rank_<r>_…_optim_states.pt per rank, ZeRO-3
+    # also a zero_pp_rank_<r>_…_model_states.pt per rank; stage 0 writes neither.
+    optim = list(state_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(optim) == 1 and not list(state_dir.glob("*zero_pp_rank_*_model_states.pt"))
 
 
 def save(engine: Any, tokenizer: Any, root: Path, version: int, state: dict[str, Any], is_main: bool) -> Path:

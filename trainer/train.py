@@ -28,7 +28,7 @@ from shared.models import resolve_model
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.data import FileSource, RedisSource, Source, TrainItem, collate, prepare_item
-from trainer.engine import Dist, build_engine, build_reference, init_distributed
+from trainer.engine import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
 from trainer.losses import LossSpec, micro_batch_terms, normalised_ess, token_logprobs
 from trainer.publish import Announcer
 
@@ -198,12 +198,16 @@ def run(cfg: TrainerConfig) -> None:
     if versions and not cfg.resume:
         # Starting again at version 1 would overwrite and interleave with the versions already there.
         raise ValueError(f"{root} already holds checkpoints v{versions[0]}..v{versions[-1]}: resume or use another dir")
-    engine = build_engine(cfg, path, dist)
+    zero_stage = effective_zero_stage(cfg.zero_stage, dist.world)
     version, step, resumed = 0, 0, {}
     if versions:
         version = versions[-1]
-        engine.load_checkpoint(str(ckpt.state_root(root)), tag=f"v{version}")
         resumed = ckpt.read_state(root, version)
+        # Before the model loads: every rank reads the same file, so all of them stop here together.
+        ckpt.check_layout(root, version, resumed, dist.world, zero_stage)
+    engine = build_engine(cfg, path, dist)
+    if versions:
+        engine.load_checkpoint(str(ckpt.state_root(root)), tag=f"v{version}")
         step = int(resumed["step"])
         if dist.is_main:
             log.info("resumed from %s at step %d", ckpt.weights_dir(root, version), step)
@@ -238,6 +242,9 @@ def run(cfg: TrainerConfig) -> None:
             "entry_ids": segment.entry_ids,
             "trained_ids": segment.trained_ids,
             "dropped_ids": segment.dropped_ids,
+            # The layout of the DeepSpeed state under state/: a resume must match it (ckpt.check_layout).
+            "world_size": dist.world,
+            "zero_stage": zero_stage,
             "time": time.time(),
         }
         written = ckpt.save(engine, tokenizer, root, version, state, dist.is_main)
