@@ -3,8 +3,10 @@
 Every contender trains SmolLM2 (the real model: its speed is the point) on the same token ids: GSM8K
 prompts through the chat template plus the reference solution, each sequence exactly `seq_len` tokens,
 so there is no padding and tokens/s means the same thing everywhere (batch × seq_len per step).
-`mindgap train` runs as the real command on a JSONL of expert records (DFT loss, fp32, ZeRO-2, one
-process) and reports each step's time in its metrics JSONL; the baselines run in their own processes.
+`mindgap train` runs as the real command on a JSONL of expert records (DFT loss, fp32, `--zero-stage 2`,
+one process, which runs as ZeRO stage 0: one rank has nothing to partition) and reports each step's time in
+its metrics JSONL; the baselines run in their own processes. Against TRL's defaults it runs with its own
+(`--precision bf16`); the 2-rank run really is ZeRO-2.
 The first step of every run is the warm-up and is dropped. Peak RSS of `mindgap train` and of the bare
 loop feeds the memory line.
 """
@@ -69,14 +71,22 @@ def make_data(model_dir: Path, gsm8k: Path, n: int, seq_len: int) -> tuple[list[
 
 
 def mindgap_train(
-    work: Path, name: str, data: Path, model_dir: Path, batch: int, steps: int, seq_len: int, nproc: int
+    work: Path,
+    name: str,
+    data: Path,
+    model_dir: Path,
+    batch: int,
+    steps: int,
+    seq_len: int,
+    nproc: int,
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], float]:
     """Run `mindgap train` on `data`; its per-step seconds and tokens from the metrics JSONL, and peak RSS (GiB)."""
     metrics = work / f"{name}.metrics.jsonl"
     metrics.unlink(missing_ok=True)
     args = [
         sys.executable, "-m", "shared.cli", "train",
-        "--source", str(data), "--model", str(model_dir), "--loss", "dft", "--precision", "fp32",
+        "--source", str(data), "--model", str(model_dir), "--loss", "dft", "--precision", precision,
         "--zero-stage", "2", "--nproc", str(nproc), "--batch-size", str(batch),
         "--micro-batch-size", str(batch // nproc), "--max-steps", str(steps), "--max-seq-len", str(seq_len),
         "--checkpoint-dir", str(work / f"{name}.ckpt"), "--checkpoint-every", str(10 * steps),
@@ -126,6 +136,7 @@ def run(
 ) -> LineResult:
     """Measure the trainer line and the trainer half of the memory line (sizes default by `ctx.quick`)."""
     from shared.models import resolve_model
+    from trainer.engine import effective_zero_stage
 
     work = ctx.scratch("trainer")
     model_dir = Path(resolve_model(ctx.model))
@@ -135,7 +146,8 @@ def run(
     seq_len = seq_len or (512 if cuda else 192 if ctx.quick else 256)
     batch = batch or (8 if cuda else 2 if ctx.quick else 4)
     steps = ctx.repeat + 1
-    slow_steps = 2 if ctx.quick else steps  # TRL with its defaults runs ~10× slower on a CPU without bf16
+    # bf16 (TRL's defaults, mindgap's --precision bf16) runs ~10× slower on a CPU without bf16 matmul units
+    slow_steps = 2 if ctx.quick else steps
     examples, items = make_data(model_dir, ctx.gsm8k, batch * steps, seq_len)
     data = work / "examples.jsonl"
     atomic_write_jsonl(data, examples)
@@ -157,7 +169,8 @@ def run(
     rows = [
         Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
             baseline=rate_stat(*timed(bare)), baseline_name="bare PyTorch loop (forward, CE, backward, AdamW)",
-            target=0.9, note=f"{shape}; mindgap through DeepSpeed ZeRO-2, reading a JSONL source, with its metrics."),
+            target=0.9, note=f"{shape}; mindgap reading a JSONL source, with its metrics, through DeepSpeed: "
+            "--zero-stage 2 on 1 rank runs as stage 0 (nothing to partition)."),
         Row(line="memory", metric="peak RSS, trainer process tree", unit="GiB", model=model_name,
             mindgap=summarize([ours_rss]), baseline=summarize([bare_rss]), baseline_name="bare PyTorch loop",
             higher_is_better=False, note="host memory, one sample each over the whole run (model load included)."),
@@ -170,6 +183,8 @@ def run(
         "torch_threads": bare["torch_threads"],
         "matmul_gflops": bare["matmul_gflops"],
         "rss_gib": {"mindgap_1": ours_rss, "bare": bare_rss},
+        # what `--zero-stage 2` runs as on 1 rank and on 2 (trainer.engine.effective_zero_stage)
+        "zero_stage": {"1_rank": effective_zero_stage(2, 1), "2_ranks": effective_zero_stage(2, 2)},
         "skipped": [],
     }
     if importlib.util.find_spec("trl") is None:
@@ -177,16 +192,25 @@ def run(
     else:
         trl_matched, _ = worker("trl", "trl-matched", variant="matched")
         trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
+        # Each side with its own defaults: mindgap's precision default is bf16 (no grad checkpointing).
+        ours_bf16, _ = mindgap_train(
+            work, "mindgap-1-bf16", data, model_dir, batch, slow_steps, seq_len, nproc=1, precision="bf16"
+        )
         rows[1:1] = [
             Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
                 baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
                 target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
-            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
-                baseline=rate_stat(*timed(trl_default)), baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)",
-                target=1.0, note=f"TRL out of the box; {slow_steps - 1} timed step(s). {_why_slow(bare, trl_default)}"),
+            Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name,
+                mindgap=rate_stat(*timed(ours_bf16)), baseline=rate_stat(*timed(trl_default)),
+                baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)", target=1.0,
+                note=f"each out of the box: mindgap train --precision bf16 (DeepSpeed bf16: bf16 weights and"
+                " activations, fp32 master weights; no grad checkpointing; 1 rank, stage 0) vs TRL bf16=True"
+                f" (autocast over float32 weights) with gradient checkpointing; {slow_steps - 1} timed step(s)"
+                f" each. {_why_slow(bare, trl_default)}"),
         ]  # fmt: skip
         for name, result in (("trl_defaults", trl_default), ("trl_matched", trl_matched)):
             info[name] = {k: result[k] for k in ("bf16", "gradient_checkpointing", "model_dtype", "profile_top_ops")}
+        info["mindgap_bf16"] = {"gradient_checkpointing": False, "zero_stage": effective_zero_stage(2, 1)}
     if cuda and _gpus() < 2:
         info["skipped"].append("2 ranks: one GPU")
     elif batch % 2:
@@ -196,7 +220,9 @@ def run(
         info["rss_gib"]["mindgap_2"] = two_rss
         rows.insert(-1, Row(
             line="trainer", metric="ZeRO-2 tokens/s, 2 ranks vs 1", unit="tokens/s", model=model_name,
-            mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank",
-            note=f"same global batch {batch}; torchrun ({'NCCL' if cuda else 'gloo'}), ranks share the {device}.",
+            mindgap=rate_stat(*timed(two)), baseline=mine, baseline_name="mindgap train, 1 rank (stage 0)",
+            note=f"same global batch {batch}; the 2 ranks really run ZeRO-2 (gradients and optimizer state"
+            " partitioned), the 1 rank asked for it runs as stage 0; torchrun"
+            f" ({'NCCL' if cuda else 'gloo'}), ranks share the {device}.",
         ))  # fmt: skip
     return LineResult(name="trainer", rows=rows, info=info)
