@@ -32,7 +32,9 @@ def train(
     expert_fallback: str | None = typer.Option(None, help="loss for expert records under --loss is: dft | sft"),
     kl_coef: float | None = typer.Option(None, help="β of the k3 KL penalty to the frozen reference (0 = off)"),
     ref_model: str | None = typer.Option(None, help="KL reference model (default: --model)"),
-    zero_stage: int | None = typer.Option(None, help="DeepSpeed ZeRO stage 0-3"),
+    zero_stage: int | None = typer.Option(
+        None, help="DeepSpeed ZeRO stage 0-3 (1 and 2 run as 0 on a single rank: nothing to partition)"
+    ),
     nproc: int | None = typer.Option(None, help="ranks on this machine; > 1 relaunches through torchrun"),
     max_steps: int | None = typer.Option(None, help="optimizer steps (counted across resumes)"),
     checkpoint_dir: Path | None = typer.Option(None, help="where v{N}/ weights and training state go"),
