@@ -1,9 +1,23 @@
 """Guided Re-solving over one batch of problems: self → guided → expert, as pure logic over the Engine.
 
 The pipeline never references vLLM, Redis or HTTP: the offline CLI and the service both hand it an
-`Engine` and a `Grader` and get `ProblemOutcome`s back. Batching is the point of the structure: every
-round of a stage sends all its prompts to the engine at once (one `asyncio.gather`), grades all the
-responses in one call, and scores all kept examples in one last gather.
+`Engine` and a `Grader` and get `ProblemOutcome`s back.
+
+Scheduling: each problem runs as its own coroutine (its self rounds, its guided rounds if it is still
+unsolved, the expert fallback, then scoring its kept responses), and all problems of a batch run
+concurrently. There is no barrier between problems: a problem whose round is done is graded at once and
+sends its next request (next round, next stage, or scoring) while the others are still sampling. The
+engine's continuous batching then batches whatever is in flight (one problem's guided re-solving beside
+another's self samples and a third's scoring) instead of idling at every round while the batch's
+longest response finishes. Each problem grades its own round (`Grader.grade_batch`, which serialises
+concurrent calls on its process pool; grading takes milliseconds, sampling seconds).
+
+Prefix sharing: the samples of one prompt in a round are one request with `n` samples. vLLM runs them
+as `n` sequences that share the prompt's KV blocks through prefix caching (on by default:
+`EngineConfig.enable_prefix_caching`), and a later round of the same prompt reuses the blocks while
+they are cached. Only full blocks are shared (16 tokens on a GPU, 128 on CPU, where a plain prompt
+shorter than a block is computed per sample, which costs little next to decoding). Scoring requests
+always recompute their prompt: vLLM skips the prefix cache for a request that asks for prompt log-probs.
 
 Decisions the design notes leave open, made here:
 - A response that did not finish (cut at `max_tokens`, or aborted) is never kept: its final answer may
@@ -25,7 +39,7 @@ Decisions the design notes leave open, made here:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,15 +88,13 @@ class _Kept:
 
 @dataclass
 class _Work:
-    """Per-problem state while its batch moves through the stages."""
+    """One problem's state while it moves through its stages."""
 
     outcome: ProblemOutcome
     gold: str | None
     plain_prompt: list[int]
     kept: list[_Kept] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
-    guided_prompt: list[int] | None = None
-    refused: set[Stage] = field(default_factory=set)  # stages whose prompt the engine rejected
 
     @property
     def problem(self) -> Problem:
@@ -104,99 +116,87 @@ async def rewrite_batch(
     id_salt: str = "",
 ) -> list[ProblemOutcome]:
     """Run the three stages of Guided Re-solving on `problems`; one outcome per problem, in order."""
-    works = [
-        _Work(
-            outcome=ProblemOutcome(problem=p),
-            gold=extract_gold(p.answer, p.solution),
-            plain_prompt=engine.render_prompt(solve_messages(p.question)),
-        )
-        for p in problems
-    ]
-    gradable = [w for w in works if w.gold is not None]
-    for w in works:
-        w.outcome.ungradable = w.gold is None
+    works: list[_Work] = []
+    for p in problems:
+        gold = extract_gold(p.answer, p.solution)
+        prompt = engine.render_prompt(solve_messages(p.question))
+        works.append(_Work(ProblemOutcome(problem=p, ungradable=gold is None), gold, prompt))
+    tasks = [asyncio.create_task(_rewrite_problem(w, engine, grader, params, policy_version, id_salt)) for w in works]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # gather leaves the other problems running on a failure: stop them, so a failed (or cancelled)
+        # batch leaves no requests behind in the engine, and re-raise the first error as it was.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [w.outcome for w in works]
 
-    # Stage 1: the policy on the plain prompt.
-    await _sample_stage(gradable, Stage.SELF, lambda w: w.plain_prompt, params.k, params, engine, grader)
 
-    # Stage 2: guided re-solving for problems with no correct self sample.
-    unsolved = [w for w in gradable if not w.kept]
-    for w in unsolved:
-        mode = params.guidance if w.problem.solution else "answer"
-        w.outcome.guidance = mode
-        w.guided_prompt = engine.render_prompt(
-            guided_messages(w.problem.question, w.problem.solution, w.gold, mode, params.hint_fraction)
-        )
-    await _sample_stage(unsolved, Stage.GUIDED, _guided_prompt, params.resolve_attempts, params, engine, grader)
+async def _rewrite_problem(
+    w: _Work, engine: Engine, grader: Grader, params: StageParams, policy_version: int, id_salt: str
+) -> None:
+    """One problem from its first self round to its scored examples, at its own pace."""
+    if w.gold is not None:
+        # Stage 1: the policy on the plain prompt.
+        await _sample_stage(w, Stage.SELF, w.plain_prompt, params.k, params, engine, grader)
+        if not w.kept:
+            # Stage 2: guided re-solving, only without a correct self sample.
+            mode = params.guidance if w.problem.solution else "answer"
+            w.outcome.guidance = mode
+            guided_prompt = engine.render_prompt(
+                guided_messages(w.problem.question, w.problem.solution, w.gold, mode, params.hint_fraction)
+            )
+            await _sample_stage(w, Stage.GUIDED, guided_prompt, params.resolve_attempts, params, engine, grader)
 
-    # Stage 3: the expert demonstration for whatever is left.
-    for w in works:
-        if not w.kept and (w.outcome.ungradable or params.expert_fallback):
-            expert = _expert_response(w, engine)
-            if expert is not None:
-                w.kept.append(expert)
+    # Stage 3: the expert demonstration, when nothing else was kept.
+    if not w.kept and (w.outcome.ungradable or params.expert_fallback):
+        expert = _expert_response(w, engine)
+        if expert is not None:
+            w.kept.append(expert)
 
-    # target_logprobs: every kept response scored on the training prompt, all at once.
-    pairs = [(w, k) for w in works for k in w.kept]
-    scores = await asyncio.gather(
-        *(engine.score(w.plain_prompt, k.token_ids) for w, k in pairs), return_exceptions=True
-    )
-    for (w, kept), target in zip(pairs, scores, strict=True):
+    # target_logprobs: every kept response scored on the training prompt.
+    scores = await asyncio.gather(*(engine.score(w.plain_prompt, k.token_ids) for k in w.kept), return_exceptions=True)
+    for kept, target in zip(w.kept, scores, strict=True):
         if isinstance(target, RequestRejected):
             w.outcome.rejected.append(f"scoring the {kept.stage.value} response: {target}")
         elif isinstance(target, BaseException):
             raise target
         else:
             w.outcome.examples.append(_example(w, kept, target, policy_version, id_salt))
-    for w in works:
-        w.outcome.stage = w.outcome.examples[0].stage if w.outcome.examples else None
-    return [w.outcome for w in works]
-
-
-def _guided_prompt(w: _Work) -> list[int]:
-    assert w.guided_prompt is not None  # set for every problem that enters stage 2
-    return w.guided_prompt
+    w.outcome.stage = w.outcome.examples[0].stage if w.outcome.examples else None
 
 
 async def _sample_stage(
-    works: Sequence[_Work],
+    w: _Work,
     stage: Stage,
-    prompt_of: Callable[[_Work], list[int]],
+    prompt: list[int],
     total: int,
     params: StageParams,
     engine: Engine,
     grader: Grader,
 ) -> None:
-    """Sample `total` responses per problem in rounds, grade them, and keep up to `params.keep` distinct."""
+    """Sample `total` responses to `prompt` in rounds, grade them, and keep up to `params.keep` distinct."""
+    out = w.outcome
     for n in round_sizes(total, params.rounds):
-        active = [w for w in works if len(w.kept) < params.keep and stage not in w.refused]
-        if not active:
+        if len(w.kept) >= params.keep:
             return
         sampling = SamplingConfig(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
-        drawn = await asyncio.gather(*(engine.generate(prompt_of(w), sampling) for w in active), return_exceptions=True)
-
-        finished: list[tuple[_Work, Sample]] = []
-        for w, samples in zip(active, drawn, strict=True):
-            out = w.outcome
-            if isinstance(samples, RequestRejected):
-                w.refused.add(stage)
-                out.rejected.append(f"{stage.value} prompt: {samples}")
-                continue
-            if isinstance(samples, BaseException):
-                raise samples
-            out.generated_tokens += sum(len(s.token_ids) for s in samples)
-            if stage is Stage.SELF:
-                out.self_attempts += len(samples)
-            else:
-                out.guided_attempts += len(samples)
-            for s in samples:
-                if s.finish_reason == "stop":
-                    finished.append((w, s))
-                else:
-                    out.truncated_rejected += 1
-        verdicts = await grader.grade_batch([(s.text, w.gold or "") for w, s in finished]) if finished else []
-
-        for (w, s), correct in zip(finished, verdicts, strict=True):
+        try:
+            samples = await engine.generate(prompt, sampling)
+        except RequestRejected as exc:
+            out.rejected.append(f"{stage.value} prompt: {exc}")
+            return  # the same prompt would be refused again: this stage is over for the problem
+        out.generated_tokens += sum(len(s.token_ids) for s in samples)
+        if stage is Stage.SELF:
+            out.self_attempts += len(samples)
+        else:
+            out.guided_attempts += len(samples)
+        finished = [s for s in samples if s.finish_reason == "stop"]
+        out.truncated_rejected += len(samples) - len(finished)
+        verdicts = await grader.grade_batch([(s.text, w.gold or "") for s in finished]) if finished else []
+        for s, correct in zip(finished, verdicts, strict=True):
             if correct:
                 _consider(w, s, stage, params.keep)
 

@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -412,7 +413,8 @@ class Grader:
     At most `workers` items are in flight, so an item's clock starts when a worker takes it. An item
     past its deadline grades False; the pool is then killed and recreated, and the other in-flight items
     are resubmitted. A crashed worker breaks the pool: its in-flight items are retried one at a time,
-    and an item that breaks the pool twice grades False.
+    and an item that breaks the pool twice grades False. Concurrent `grade_batch` calls take turns, one
+    batch owning the pool at a time, so a restart never kills another batch's items.
     """
 
     def __init__(self, workers: int = 1, timeout: float = 5.0, grade_fn: GradeFn = grade_response) -> None:
@@ -425,7 +427,9 @@ class Grader:
         self._grade_fn = grade_fn
         self._inner_timeout = max(1, int(timeout))  # math-verify's alarm takes whole seconds
         self._pool: ProcessPoolExecutor | None = None
-        self._lock = asyncio.Lock()
+        # One lock per event loop: an asyncio.Lock binds to the first loop that waits on it, and a grader
+        # may outlive a loop (one `asyncio.run` per batch, a test fixture shared by many tests).
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         self.timeouts = 0  # items graded False for running past the deadline (for logs and tests)
         self.restarts = 0
 
@@ -487,13 +491,21 @@ class Grader:
 
     async def grade_batch(self, items: Sequence[tuple[str, str]], method: GradeMethod = "math_verify") -> list[bool]:
         """Grade (response_text, gold_answer) pairs; True means the response's final answer equals gold."""
-        async with self._lock:  # one batch at a time owns the pool, so a restart never hits another batch
+        async with self._lock():  # one batch at a time owns the pool, so a restart never hits another batch
             try:
                 return await self._grade(items, method)
             except BaseException:
                 # Cancelled or failed mid-batch: workers may still be busy (or hung) on abandoned items.
                 self._restart_pool()
                 raise
+
+    def _lock(self) -> asyncio.Lock:
+        """The running loop's batch lock."""
+        loop = asyncio.get_running_loop()
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()
+        return lock
 
     async def _grade(self, items: Sequence[tuple[str, str]], method: GradeMethod) -> list[bool]:
         results = [False] * len(items)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 
 import pytest
 from rich.console import Console
 
-from services.fake_engine import EOS_ID, FakeEngine, scripted
+from services.engine import SamplingConfig
+from services.fake_engine import EOS_ID, FakeEngine, Script, scripted
 from services.pipeline import ProblemOutcome, Summary, rewrite_batch, round_sizes
 from shared.config import StageParams
 from shared.grading import Grader
@@ -165,11 +167,14 @@ async def test_all_stage_one_prompts_of_a_batch_in_flight_at_once(grader: Grader
     engine = FakeEngine(delay=0.05)  # default arithmetic script
     questions = [f"What is {a}+{b}?" for a, b in [(1, 1), (2, 2), (1, 2), (3, 3), (2, 3)]]
     problems = [problem(f"q{i}", q, None, str(eval(q[8:-1]))) for i, q in enumerate(questions)]
-    await run(engine, grader, problems, k=2, rounds=1)
+    outs = await run(engine, grader, problems, k=2, rounds=1)
     assert engine.max_in_flight["generate"] == len(problems)
     first = engine.calls[: len(problems)]
     assert all(c.kind == "generate" and c.n == 2 for c in first)
-    assert engine.max_in_flight["score"] == len(problems)  # one example each, all scored together
+    # No barrier before scoring: the self-solved problems are scored while the others re-solve.
+    assert [o.stage for o in outs].count(Stage.GUIDED) == 2
+    kinds = [c.kind for c in engine.calls]
+    assert kinds.index("score") < len(kinds) - 1 - kinds[::-1].index("generate")
 
 
 async def test_default_script_reaches_each_stage(grader: Grader) -> None:
@@ -188,8 +193,6 @@ async def test_reload_changes_outputs(grader: Grader, tmp_path) -> None:
     engine = FakeEngine.from_config()
     ids = engine.render_prompt(solve_messages("What is 2+2?"))
     sampling = params().model_dump()
-    from services.engine import SamplingConfig
-
     cfg = SamplingConfig(n=1, temperature=sampling["temperature"], max_tokens=100)
     before = await engine.generate(ids, cfg)
     engine._drawn.clear()
@@ -258,3 +261,75 @@ async def test_requests_too_long_for_the_context_fail_only_their_stage(grader: G
     assert [r.split(":")[0] for r in long.rejected] == ["guided prompt", "scoring the expert response"]
     summary = Summary.from_outcomes([short, long])
     assert summary.rejected_requests == 3 and summary.dropped == 1
+
+
+class GatedEngine(FakeEngine):
+    """A fake whose generate calls for prompts containing `slow` wait until `gate` opens; logs finished calls."""
+
+    def __init__(self, script: Script, slow: str) -> None:
+        super().__init__(script)
+        self.slow = slow
+        self.gate = asyncio.Event()
+        self.log: list[str] = []
+        self.cancelled_waits = 0
+
+    def _name(self, prompt: str) -> str:
+        return "slow" if self.slow in prompt else "fast"
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig):
+        prompt = self.decode(prompt_ids)
+        if self.slow in prompt:
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled_waits += 1
+                raise
+        samples = await super().generate(prompt_ids, params)
+        stage = "guided" if "Reference solution" in prompt else "self"
+        self.log.append(f"{stage} {self._name(prompt)}")
+        return samples
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        scores = await super().score(prompt_ids, completion_ids)
+        name = self._name(self.decode(prompt_ids))
+        self.log.append(f"score {name}")
+        if name == "fast":
+            self.gate.set()  # only now may the slow problem's first round finish
+        return scores
+
+
+SLOW = "What is 1 plus 1?"
+
+
+async def test_no_barrier_between_problems(grader: Grader) -> None:
+    # The fast problem fails its two self rounds, is re-solved with guidance and scored, all while the
+    # slow problem's first self round is still being sampled. A batch-wide barrier would deadlock here.
+    engine = GatedEngine(
+        scripted(
+            {
+                "Reference solution": ["Adding two and three gives \\boxed{5}."],
+                SLOW: ["\\boxed{2}"],
+                QUESTION: ["\\boxed{6}"],
+            }
+        ),
+        slow=SLOW,
+    )
+    problems = [problem("fast"), problem("slow", SLOW, "1 + 1 = 2\n#### 2", "2")]
+    fast, slow = await asyncio.wait_for(run(engine, grader, problems, k=2, resolve_attempts=2, rounds=2), 20)
+    assert engine.log == ["self fast", "self fast", "guided fast", "score fast", "self slow", "score slow"]
+    assert fast.stage is Stage.GUIDED and fast.self_attempts == 2 and fast.guided_attempts == 1
+    assert slow.stage is Stage.SELF and slow.self_attempts == 1
+    assert [o.problem.id for o in (fast, slow)] == ["fast", "slow"]  # outcomes in input order
+
+
+async def test_a_failing_problem_cancels_the_rest_of_its_batch(grader: Grader) -> None:
+    class Broken(GatedEngine):
+        async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig):
+            if self.slow not in self.decode(prompt_ids):
+                raise RuntimeError("engine died")
+            return await super().generate(prompt_ids, params)
+
+    engine = Broken(scripted({}), slow=SLOW)
+    with pytest.raises(RuntimeError, match="engine died"):  # the error itself, not an exception group
+        await asyncio.wait_for(run(engine, grader, [problem("slow", SLOW, None, "2"), problem("fast")]), 20)
+    assert engine.cancelled_waits == 1  # the slow problem's request was abandoned, not left running

@@ -119,11 +119,12 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params: Any) -> tuple[int, int]:
+async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params: Any) -> dict[str, int]:
     """The naive schedule: `k` self samples and `resolve_attempts` guided samples for every problem, in one batch.
 
     Selection is the pipeline's (self first, then non-leaking guided, then expert) so both schedules yield
-    the same kind of examples; kept responses are scored like the pipeline's. Returns (generated tokens, examples).
+    the same kind of examples; kept responses are scored like the pipeline's. Returns the generated tokens,
+    the examples, and the problems solved by a self or a guided sample.
     """
     from services.engine import SamplingConfig
     from shared.grading import extract_gold
@@ -159,11 +160,14 @@ async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params:
     verdicts = await grader.grade_batch([(s.text, golds[i] or "") for i, _, s in finished])
     correct: dict[int, tuple[list[Any], list[Any]]] = {}
     for (i, stage, s), ok in zip(finished, verdicts, strict=True):
-        if ok and (stage == 0 or leak_reason(s.text, problems[i].solution) is None):
+        if ok and (stage == 0 or leak_reason(s.text, problems[i].solution, problems[i].question) is None):
             correct.setdefault(i, ([], []))[stage].append(s)
     to_score: list[tuple[list[int], list[int]]] = []
+    solved = {"self": 0, "guided": 0}
     for i, p in enumerate(problems):
         own, guided_ok = correct.get(i, ([], []))
+        if own or guided_ok:
+            solved["self" if own else "guided"] += 1
         distinct = {s.text.strip(): s for s in (own or guided_ok)}  # self first, then guided
         chosen = list(distinct.values())[: params.keep]
         to_score += [(plain[i], list(s.token_ids)) for s in chosen]
@@ -171,7 +175,7 @@ async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params:
         if not chosen and expert and (golds[i] is None or params.expert_fallback):
             to_score.append((plain[i], engine.encode_completion(expert)))
     await asyncio.gather(*(engine.score(prompt, completion) for prompt, completion in to_score))
-    return tokens, len(to_score)
+    return {"tokens": tokens, "examples": len(to_score), **solved}
 
 
 def drop_page_cache(files: Sequence[Path]) -> None:
@@ -217,30 +221,36 @@ async def _engine_lines(spec: dict[str, Any]) -> dict[str, Any]:
     await engine.generate(engine.render_prompt(solve_messages("What is 2 + 3?")), SamplingConfig(n=2, max_tokens=32))
     repeat = int(spec["repeat"])
     if spec.get("rewrite"):
-        problems = [Problem.model_validate(p) for p in spec["problems"]]
-        params = StageParams.model_validate(spec["params"])
-        runs: dict[str, list[dict[str, float]]] = {"pipeline": [], "naive": []}
+        workloads = [
+            (w["name"], [Problem.model_validate(p) for p in w["problems"]], StageParams.model_validate(w["params"]))
+            for w in spec["workloads"]
+        ]
+        rewrite: dict[str, dict[str, list[dict[str, float]]]] = {
+            name: {"pipeline": [], "naive": []} for name, *_ in workloads
+        }
         with Grader(workers=1) as grader:
             await grader.grade_batch([("\\boxed{5}", "5")])  # starts the grading pool before the clock does
             for rep in range(repeat):
-                # interleaved, so both schedules meet the same machine noise
-                t0 = time.monotonic()
-                outcomes = await rewrite_batch(problems, engine, grader, params, id_salt=f"bench{rep}")
-                t1 = time.monotonic()
-                tokens, examples = await naive_batch(problems, engine, grader, params)
-                t2 = time.monotonic()
-                runs["pipeline"].append(
-                    {
-                        "seconds": t1 - t0,
-                        "tokens": sum(o.generated_tokens for o in outcomes),
-                        "examples": sum(len(o.examples) for o in outcomes),
-                        "self": sum(o.stage is not None and o.stage.value == "self" for o in outcomes),
-                        "guided": sum(o.stage is not None and o.stage.value == "guided" for o in outcomes),
-                    }
-                )
-                runs["naive"].append({"seconds": t2 - t1, "tokens": tokens, "examples": examples})
-                print(f"bench rewrite {rep}: {runs['pipeline'][-1]} naive {runs['naive'][-1]}", flush=True)
-        result["rewrite"] = runs
+                for name, problems, params in workloads:
+                    # interleaved, so both schedules meet the same machine noise
+                    t0 = time.monotonic()
+                    outcomes = await rewrite_batch(problems, engine, grader, params, id_salt=f"bench{rep}")
+                    t1 = time.monotonic()
+                    naive = await naive_batch(problems, engine, grader, params)
+                    t2 = time.monotonic()
+                    runs = rewrite[name]
+                    runs["pipeline"].append(
+                        {
+                            "seconds": t1 - t0,
+                            "tokens": sum(o.generated_tokens for o in outcomes),
+                            "examples": sum(len(o.examples) for o in outcomes),
+                            "self": sum(o.stage is not None and o.stage.value == "self" for o in outcomes),
+                            "guided": sum(o.stage is not None and o.stage.value == "guided" for o in outcomes),
+                        }
+                    )
+                    runs["naive"].append({"seconds": t2 - t1, **naive})
+                    print(f"bench rewrite {name} {rep}: {runs['pipeline'][-1]} naive {runs['naive'][-1]}", flush=True)
+        result["rewrite"] = rewrite
     if spec.get("reload"):
         checkpoint = Path(spec["checkpoint"])
         files = sorted(checkpoint.glob("*.safetensors"))
