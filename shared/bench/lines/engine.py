@@ -120,7 +120,7 @@ def run(
 def _rewrite_rows(runs: dict[str, list[dict[str, float]]], w: Workload, model: str) -> list[Row]:
     pipe, naive = runs["pipeline"], runs["naive"]
     p = w.params
-    shape = f"{w.name}: {w.problems} problems, k={p.k}, resolve_attempts={p.resolve_attempts}, keep={p.keep}"
+    shape = f"{w.problems} problems, k={p.k}, resolve_attempts={p.resolve_attempts}, keep={p.keep}"
 
     def solved(schedule: list[dict[str, float]]) -> str:
         return ", ".join(f"{r['self']:.0f} self / {r['guided']:.0f} guided" for r in schedule)
@@ -147,9 +147,8 @@ def _rewrite_rows(runs: dict[str, list[dict[str, float]]], w: Workload, model: s
             baseline=summarize([r["seconds"] for r in naive]),
             baseline_name="naive schedule, one batch",
             higher_is_better=False,
-            note=f"{w.name}, the same runs; both include grading and scoring the kept examples; the pipeline runs"
-            " each problem through its stages at its own pace, the naive schedule sends everything at once;"
-            f" {solved_note}.",
+            note="the same runs; both include grading and scoring the kept examples; the pipeline runs each"
+            " problem through its stages at its own pace, the naive schedule sends everything at once.",
         ),
     ]
 

@@ -145,7 +145,7 @@ def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"service"})) -> Li
         ),
         baseline_name="vLLM LLM.generate, same requests + scoring the kept examples",
         note="the same engine work as the service (sampling, then prompt log-probs of each kept example): the rest"
-        " of the gap is the service's own (HTTP, Redis chunks, worker loop, grading, publishing, stage barriers).",
+        " of the gap is the service's own (HTTP, Redis task chunks, the worker loop, grading, publishing).",
     )
     memory = Row(
         line="memory",

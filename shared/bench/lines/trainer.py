@@ -146,8 +146,6 @@ def run(
     seq_len = seq_len or (512 if cuda else 192 if ctx.quick else 256)
     batch = batch or (8 if cuda else 2 if ctx.quick else 4)
     steps = ctx.repeat + 1
-    # bf16 (TRL's defaults, mindgap's --precision bf16) runs ~10× slower on a CPU without bf16 matmul units
-    slow_steps = 2 if ctx.quick else steps
     examples, items = make_data(model_dir, ctx.gsm8k, batch * steps, seq_len)
     data = work / "examples.jsonl"
     atomic_write_jsonl(data, examples)
@@ -190,6 +188,10 @@ def run(
     if importlib.util.find_spec("trl") is None:
         info["skipped"].append("TRL: not installed")
     else:
+        # bf16 (TRL's defaults, mindgap's --precision bf16) runs ~10-45× slower on a CPU without bf16 matmul
+        # units: there --quick times one bf16 step per side; where bf16 is native, as many as the others.
+        gflops = bare["matmul_gflops"]
+        slow_steps = 2 if ctx.quick and gflops["bfloat16_autocast"] < gflops["float32"] / 2 else steps
         trl_matched, _ = worker("trl", "trl-matched", variant="matched")
         trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
         # Each side with its own defaults: mindgap's precision default is bf16 (no grad checkpointing).
