@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -12,27 +11,14 @@ from pathlib import Path
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
-from shared.streams import publish_examples
-from tests.trainer_support import ROOT, make_examples, read_metrics, train_argv, train_env
+from tests.trainer_support import ROOT, make_examples, publish, read_metrics, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
 from trainer.data import RedisSource, TrainItem, prepare_item
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.chaos]
-
-
-def _publish(url: str, keys: Keys, examples: list[Example]) -> None:
-    async def go() -> None:
-        r = aioredis.Redis.from_url(url)
-        try:
-            await publish_examples(r, keys, "job", examples)
-        finally:
-            await r.aclose()
-
-    asyncio.run(go())
 
 
 def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
@@ -52,7 +38,7 @@ def test_sigkill_after_checkpoint_then_resume_then_sigterm(
     keys = Keys(key_prefix)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     examples = make_examples(tiny_model_dir, 24, tag="k")
-    _publish(redis_url, keys, examples[:12])
+    publish(redis_url, keys, examples[:12])
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     argv = train_argv(
         tiny_model_dir,
@@ -85,7 +71,7 @@ def test_sigkill_after_checkpoint_then_resume_then_sigterm(
     # The updates of the 2 entries trained after v1 died with the process: they are still pending.
     assert r.xpending(keys.examples, TRAINER_GROUP)["pending"] == 2
 
-    _publish(redis_url, keys, examples[12:])
+    publish(redis_url, keys, examples[12:])
     bad = json.loads(examples[0].model_dump_json()) | {"id": "misaligned", "behavior_logprobs": [-1.0]}
     r.xadd(keys.examples, {"id": "misaligned", "data": json.dumps(bad)})
     r.xadd(keys.examples, {"id": "garbled", "data": "{not json"})
@@ -128,7 +114,7 @@ def test_replay_acks_entries_the_resumed_checkpoint_contains(
     """A crash between publishing a checkpoint and acking its entries: the restart acks them untrained."""
     keys = Keys(key_prefix)
     r = redis.Redis.from_url(redis_url)
-    _publish(redis_url, keys, make_examples(tiny_model_dir, 4, tag="r"))
+    publish(redis_url, keys, make_examples(tiny_model_dir, 4, tag="r"))
 
     def prepare(ex: Example, entry_id: str) -> TrainItem:
         return prepare_item(ex, tokenizer, 512, entry_id)
@@ -151,7 +137,7 @@ def test_replay_acks_entries_the_resumed_checkpoint_contains(
 def test_too_long_entries_are_dead_lettered(tiny_model_dir: Path, tokenizer, redis_url: str, key_prefix: str) -> None:
     keys = Keys(key_prefix)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    _publish(redis_url, keys, make_examples(tiny_model_dir, 2, tag="long"))
+    publish(redis_url, keys, make_examples(tiny_model_dir, 2, tag="long"))
     source = RedisSource(
         redis_url, keys, "c0", lambda ex, eid: prepare_item(ex, tokenizer, 16, eid), idle_exit_s=0.2, block_ms=100
     )

@@ -1,7 +1,8 @@
-"""Helpers for the trainer tests: example records for a tiny model's tokenizer, and running `mindgap train`."""
+"""Helpers for the trainer tests: example records for a tiny model's tokenizer, publishing, running `mindgap train`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,7 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
+from shared.keys import Keys
 from shared.schema import ChatMessage, Example, Stage
+from shared.streams import publish_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -43,6 +48,19 @@ def make_examples(model_dir: Path, n: int, tag: str = "ex") -> list[Example]:
             )
         )
     return out
+
+
+def publish(url: str, keys: Keys, examples: list[Example]) -> None:
+    """Publish `examples` to the examples stream at `url` as one job's results, as the service does."""
+
+    async def go() -> None:
+        r = aioredis.Redis.from_url(url)
+        try:
+            await publish_examples(r, keys, "job", examples)
+        finally:
+            await r.aclose()
+
+    asyncio.run(go())
 
 
 def write_jsonl(path: Path, rows: list[Example]) -> Path:

@@ -7,7 +7,6 @@ checkpoints' states) equals the set produced into the stream, each exactly once.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -20,15 +19,14 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
-from shared.streams import field, publish_examples
+from shared.streams import field
 from tests.chaos.jobs import check_job, freeze, submit
 from tests.fixtures.redis import RedisServer
 from tests.fixtures.service import ServeProcess
-from tests.trainer_support import ROOT, read_metrics, train_argv, train_env
+from tests.trainer_support import ROOT, publish, read_metrics, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
 from trainer.data import RedisSource, TrainItem
 
@@ -60,21 +58,10 @@ def _examples(n: int) -> list[Example]:
     ]
 
 
-def _publish(url: str, keys: Keys, examples: list[Example]) -> None:
-    async def go() -> None:
-        r = aioredis.Redis.from_url(url)
-        try:
-            await publish_examples(r, keys, "job", examples)
-        finally:
-            await r.aclose()
-
-    asyncio.run(go())
-
-
 def test_redis_source_survives_a_lost_reply_a_restart_and_a_freeze(chaos_redis: RedisServer, key_prefix: str) -> None:
     keys = Keys(key_prefix)
     examples = _examples(30)
-    _publish(chaos_redis.url, keys, examples[:10])
+    publish(chaos_redis.url, keys, examples[:10])
     source = RedisSource(chaos_redis.url, keys, "t0", _item, idle_exit_s=3.0, block_ms=200)
     r = redis.Redis.from_url(chaos_redis.url)
     got: list[str] = []
@@ -85,7 +72,7 @@ def test_redis_source_survives_a_lost_reply_a_restart_and_a_freeze(chaos_redis: 
         # A read whose reply never arrived (timed out): Redis moved the entries into our pending list.
         r.xreadgroup(TRAINER_GROUP, "t0", {keys.examples: ">"}, count=3)
         chaos_redis.restart()
-        _publish(chaos_redis.url, keys, examples[10:20])
+        publish(chaos_redis.url, keys, examples[10:20])
         items, _ = source.next_items(8)
         got += [it.example_id for it in items]
         frozen = threading.Thread(target=freeze, args=(chaos_redis, 7.0))  # past the 5 s socket timeout
@@ -94,7 +81,7 @@ def test_redis_source_survives_a_lost_reply_a_restart_and_a_freeze(chaos_redis: 
         items, _ = source.next_items(4)  # waits the freeze out
         got += [it.example_id for it in items]
         frozen.join()
-        _publish(chaos_redis.url, keys, examples[20:])
+        publish(chaos_redis.url, keys, examples[20:])
         exhausted = False
         while not exhausted:
             items, exhausted = source.next_items(8)
