@@ -34,8 +34,9 @@ test: model
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy shared services trainer
+	$(BIN)/mypy shared services trainer mindgap
 
 fmt: setup
 	$(BIN)/ruff format .

@@ -17,7 +17,7 @@ Steps (every artefact lands in `--out`; `commands.txt` lists the exact `mindgap`
   6. `results.md` / `results.json` (accuracy table, gap table, timings) and `training.png` (loss,
      grad norm, IS-weight spread from the trainer's JSON metrics log).
 
-The evaluation uses the prompt and grading of `mindgap eval` (services.evaluate) on the held-out slice.
+The evaluation uses the prompt and grading of `mindgap eval` (mindgap.evaluation.accuracy) on the held-out slice.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from services import evaluate, gap  # noqa: E402
-from shared.benchmarks import data_dir  # noqa: E402
+from mindgap.evaluation.benchmarks import data_dir  # noqa: E402
 from shared.config import EngineConfig, StageParams  # noqa: E402
 from shared.dataio import FieldMap, atomic_write_jsonl, atomic_write_text, read_problems  # noqa: E402
 
@@ -130,13 +130,13 @@ class Recorder:
         print(f"=== {name}: {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
     def mindgap(self, *args: object) -> None:
-        """Run `mindgap ARGS` (as `python -m shared.cli`), fail loudly, remember the command."""
+        """Run `mindgap ARGS` (as `python -m mindgap.cli`), fail loudly, remember the command."""
         argv = [str(a) for a in args]
         command = "mindgap " + shlex.join(argv)
         with (self.out / "commands.txt").open("a") as f:  # appended: a --resume run keeps the earlier ones
             f.write(command + "\n")
         print("$ " + command, file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "shared.cli", *argv], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "mindgap.cli", *argv], check=True, cwd=ROOT)
 
 
 def slice_gsm8k(src: Path, out: Path, train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:

@@ -26,9 +26,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.api import health, jobs, policy, rewrite
 from services.api.deps import ServiceState
 from services.engine import Engine, create_engine
-from services.jobs import JobStore
+from services.job_store import JobStore
 from services.metrics import Metrics
-from services.policy import STOP_CHECK_S, PolicyWatcher
+from services.policy_watcher import STOP_CHECK_S, PolicyWatcher
 from services.scheduler import EngineGate
 from services.settings import ServiceConfig
 from services.worker import Worker

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from services.api.models import (
+from shared.wire import (
     FINISHED_STATES,
     JobCreated,
     JobList,

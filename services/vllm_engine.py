@@ -34,7 +34,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from services.engine import EngineStats, RequestRejected, Sample, SamplingConfig
 from shared.checkpoints import CheckpointError, CheckpointShapes, check_same_shapes, checkpoint_shapes
 from shared.config import EngineConfig
-from shared.models import resolve_model
+from shared.model_source import resolve_model
 from shared.prompts import render_prompt_ids
 from shared.schema import ChatMessage
 

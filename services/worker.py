@@ -4,7 +4,7 @@ Delivery is at-least-once. A chunk read with XREADGROUP sits in this consumer's 
 committed and acknowledged; while it runs, a heartbeat re-claims it (XCLAIM JUSTID) so its idle time
 stays low. A replica that dies stops the heartbeat, its chunks go idle, and after `claim_idle_ms` any
 replica (a restarted one included) takes them over with XAUTOCLAIM. The commit itself is exactly-once
-(see services.jobs), so a chunk that ran twice counts once. A chunk delivered more than `max_deliveries`
+(see services.job_store), so a chunk that ran twice counts once. A chunk delivered more than `max_deliveries`
 times is moved to the dead-letter stream with the last error seen, and counted as failed for its job.
 
 Stopping (SIGTERM through uvicorn, or app shutdown): no new chunks are taken; running chunks finish,
@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from services.engine import Engine
-from services.jobs import Commit, JobStore, chunk_key, outcome_counters
+from services.job_store import Commit, JobStore, chunk_key, outcome_counters
 from services.metrics import Metrics
 from services.pipeline import rewrite_batch
 from services.scheduler import EngineGate, RoundRobin

@@ -1,8 +1,8 @@
-"""Test configuration: fixtures live in tests/fixtures/ modules, one per resource."""
+"""Test configuration: fixtures live in tests/support/ modules, one per resource."""
 
 pytest_plugins = [
-    "tests.fixtures.paths",
-    "tests.fixtures.redis",
-    "tests.fixtures.models",
-    "tests.fixtures.service",
+    "tests.support.paths",
+    "tests.support.redis",
+    "tests.support.models",
+    "tests.support.service",
 ]

@@ -80,7 +80,7 @@ def check_layout(root: Path, version: int, state: dict[str, Any], world: int, ze
 
 
 def _layout(world: int, stage: int) -> str:
-    # On one rank, ZeRO-1/2 run as stage 0 (trainer.engine.effective_zero_stage): any of those flags fits.
+    # On one rank, ZeRO-1/2 run as stage 0 (trainer.zero.effective_zero_stage): any of those flags fits.
     flags = "0, 1 or 2" if world == 1 and stage == 0 else str(stage)
     return f"world size {world} at ZeRO stage {stage} (--nproc {world} --zero-stage {flags})"
 

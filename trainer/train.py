@@ -24,11 +24,11 @@ import torch
 import torch.distributed as torch_dist
 
 from shared.keys import Keys
-from shared.models import resolve_model
+from shared.model_source import resolve_model
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.data import FileSource, RedisSource, Source, TrainItem, collate, prepare_item
-from trainer.engine import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
+from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
 from trainer.losses import LossSpec, micro_batch_terms, normalised_ess, token_logprobs
 from trainer.publish import Announcer
 

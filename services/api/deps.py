@@ -10,9 +10,9 @@ from fastapi import Depends, Header, HTTPException, Request
 
 from services.auth import AuthError, Scope, authorize
 from services.engine import Engine
-from services.jobs import JobStore
+from services.job_store import JobStore
 from services.metrics import Metrics
-from services.policy import PolicyWatcher
+from services.policy_watcher import PolicyWatcher
 from services.scheduler import EngineGate
 from services.settings import ServiceConfig
 from services.worker import Worker

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from services.api.deps import State, UserAuth
-from services.api.models import FINISHED_STATES, JobCreated, JobList, JobRequest, JobSpec, JobStatus, RowError
+from shared.wire import FINISHED_STATES, JobCreated, JobList, JobRequest, JobSpec, JobStatus, RowError
 from shared.config import StageParams
 from shared.dataio import (
     DataError,

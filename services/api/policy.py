@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException
 
 from services.api.deps import AdminAuth, State, UserAuth
 from services.api.jobs import invalid
-from services.api.models import PolicyStatus, ReloadRecord, ReloadRequest
+from shared.wire import PolicyStatus, ReloadRecord, ReloadRequest
 
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException
 
 from services.api.deps import State, UserAuth
 from services.api.jobs import accepted, field_map, invalid, read_rows, stage_params
-from services.api.models import RewriteRequest, RewriteResponse
+from shared.wire import RewriteRequest, RewriteResponse
 from services.pipeline import Summary, rewrite_batch
 
 router = APIRouter(prefix="/v1", tags=["rewrite"], dependencies=[UserAuth])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.redis import RedisServer, free_port
-from tests.fixtures.service import ServeProcess
+from tests.support.redis import RedisServer, free_port
+from tests.support.service import ServeProcess
 
 # Short client timeouts and reclaim times keep each fault (and the recovery from it) a few seconds long.
 SERVE_ENV = {

@@ -2,7 +2,7 @@
 
 Each test runs a job on `mindgap serve --engine fake` processes, hits it with the fault while chunks are
 in flight, and then checks the same end state: the job completes, every problem is counted once, and the
-job's results and the examples stream hold the same examples, none twice (`tests.chaos.jobs.check_job`).
+job's results and the examples stream hold the same examples, none twice (`tests.support.chaos_jobs.check_job`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.chaos.jobs import check_job, freeze, submit, wait_chunks
-from tests.fixtures.redis import RedisServer
-from tests.fixtures.service import ServeProcess
+from tests.support.chaos_jobs import check_job, freeze, submit, wait_chunks
+from tests.support.redis import RedisServer
+from tests.support.service import ServeProcess
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.slow]
 

@@ -23,10 +23,10 @@ import redis
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
 from shared.streams import field
-from tests.chaos.jobs import check_job, freeze, submit
-from tests.fixtures.redis import RedisServer
-from tests.fixtures.service import ServeProcess
-from tests.trainer_support import ROOT, publish, read_metrics, train_argv, train_env
+from tests.support.chaos_jobs import check_job, freeze, submit
+from tests.support.redis import RedisServer
+from tests.support.service import ServeProcess
+from tests.support.trainer import ROOT, publish, read_metrics, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
 from trainer.data import RedisSource, TrainItem
 

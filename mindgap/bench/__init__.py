@@ -1,0 +1,1 @@
+"""`mindgap bench`: measure mindgap against its natural baselines; results go to `bench/results/`."""

@@ -1,0 +1,250 @@
+"""`mindgap serve` (the REST service) and its client commands `submit`, `status`, `results`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from mindgap.cli import app, fail, hard_exit, load_config, setup_logging
+
+if TYPE_CHECKING:
+    from shared.wire import JobStatus
+    from services.client import MindgapClient
+
+log = logging.getLogger("mindgap.service")
+
+URL_OPTION = typer.Option("http://127.0.0.1:8000", "--url", envvar="MINDGAP_URL", help="service base URL")
+KEY_OPTION = typer.Option(None, "--api-key", envvar="MINDGAP_API_KEY", help="bearer key (env MINDGAP_API_KEY)")
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="port (default 8000)"),
+    model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file (ServiceConfig keys)"),
+    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback host without API keys"),
+    redis_url: str | None = typer.Option(None, help="Redis URL (env MINDGAP_REDIS_URL)"),
+    key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
+    allowed_root: Path | None = typer.Option(None, help="folder that server-side job paths must be under"),
+    chunk_size: int | None = typer.Option(None, help="problems per task chunk"),
+    max_inflight_chunks: int | None = typer.Option(None, help="chunks on the engine at once"),
+    claim_idle_ms: int | None = typer.Option(None, help="take over chunks idle this long (dead replica)"),
+    fake_delay: float | None = typer.Option(None, help="fake engine only: seconds per engine call"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Serve the rewrite API: jobs over REST, cross-job batching, examples into the Redis stream."""
+    from services.auth import check_bind
+    from services.settings import ServiceConfig
+
+    setup_logging(verbose)
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "backend": engine,
+        "insecure": insecure or None,
+        "redis_url": redis_url,
+        "key_prefix": key_prefix,
+        "allowed_root": allowed_root,
+        "chunk_size": chunk_size,
+        "max_inflight_chunks": max_inflight_chunks,
+        "claim_idle_ms": claim_idle_ms,
+        "fake_delay_s": fake_delay,
+    }
+    if model is not None:
+        overrides["engine"] = {"model": model}  # merged into the file's/env's engine table
+    cfg = load_config(ServiceConfig, config, **overrides)
+    try:
+        check_bind(cfg)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    code = _serve(cfg)
+    if cfg.backend == "vllm":
+        hard_exit(code)  # the vLLM CPU engine can abort in interpreter teardown
+    if code:
+        raise typer.Exit(code)
+
+
+def _serve(cfg: Any) -> int:
+    import uvicorn
+
+    from services.app import create_app
+
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(cfg), host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=60)
+    )
+    server.run()  # SIGINT/SIGTERM: stop accepting, drain connections, then the lifespan drains the worker
+    return 0 if server.started else 1
+
+
+def _client(url: str, api_key: str | None) -> MindgapClient:
+    from services.client import MindgapClient
+
+    return MindgapClient(url, api_key)
+
+
+def _service_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a client call, turning service and connection errors into one-line CLI errors."""
+    import httpx
+
+    from services.client import ServiceError
+
+    try:
+        return fn(*args, **kwargs)
+    except ServiceError as exc:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        raise fail(f"service answered {exc.status}: {detail}") from None
+    except httpx.TransportError as exc:
+        raise fail(f"cannot reach the service: {exc}") from None
+
+
+@app.command()
+def submit(
+    file: str = typer.Argument(..., help="local JSONL/JSON/parquet file (or a server path with --server-path)"),
+    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
+    k: int | None = typer.Option(None, "--k", help="self-samples per problem"),
+    resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
+    keep: int | None = typer.Option(None, help="correct responses kept per problem at most"),
+    temperature: float | None = typer.Option(None),
+    top_p: float | None = typer.Option(None),
+    max_tokens: int | None = typer.Option(None, help="response length cap"),
+    guidance: str | None = typer.Option(None, help="guided prompt mode: solution | answer | hint"),
+    mode: str = typer.Option("once", help="once, or online (cycle the dataset under the newest policy)"),
+    epochs: int | None = typer.Option(None, help="online: passes over the dataset (default: until cancelled)"),
+    name: str | None = typer.Option(None, help="label shown in job listings"),
+    server_path: bool = typer.Option(False, "--server-path", help="FILE is a path under the server's allowed root"),
+    wait: bool = typer.Option(False, "--wait", help="show progress until the job finishes"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Submit a dataset as a job; print its id (and with --wait, follow it to the end)."""
+    from shared.dataio import DataError, parse_field_specs
+
+    try:
+        fields = parse_field_specs(field).mapped()
+    except DataError as exc:
+        raise fail(f"--field: {exc}") from None
+    if mode not in ("once", "online"):
+        raise fail(f"--mode: expected once or online, got {mode!r}")
+    stage: dict[str, Any] = {"k": k, "resolve_attempts": resolve_attempts, "keep": keep, "temperature": temperature}
+    stage |= {"top_p": top_p, "max_tokens": max_tokens, "guidance": guidance}
+    params = {key: v for key, v in stage.items() if v is not None}
+    job_args: dict[str, Any] = {"fields": fields, "params": params, "mode": mode, "epochs": epochs, "name": name}
+    with _client(url, api_key) as client:
+        if server_path:
+            created = _service_call(client.submit_path, file, **job_args)
+        else:
+            path = Path(file)
+            if not path.is_file():
+                raise fail(f"FILE: no such file {path}")
+            created = _service_call(client.submit_file, path, **job_args)
+        for err in created.errors:
+            typer.secho(f"warning: line {err.line}: {err.message}, row skipped", err=True, fg=typer.colors.YELLOW)
+        typer.echo(created.id)
+        if wait:
+            status = _follow(client, created.id)
+            if status.state != "completed":
+                raise fail(f"job {created.id} ended {status.state}: {status.error or ''}".rstrip(": "), code=1)
+
+
+def _follow(client: MindgapClient, job_id: str) -> JobStatus:
+    """Poll a job with a rich progress bar until it finishes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stages]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as progress:
+        task = progress.add_task(job_id, total=None, stages="")
+
+        def show(s: JobStatus) -> None:
+            total = s.problems * s.epochs if s.epochs else None
+            stages = " ".join(f"{k} {v}" for k, v in s.stages.items())
+            progress.update(task, completed=s.problems_done, total=total, stages=f"{s.state} · {stages}")
+
+        status: JobStatus = _service_call(client.wait, job_id, poll_s=0.5, on_progress=show)
+    return status
+
+
+@app.command()
+def status(
+    job: str = typer.Argument(..., help="job id"),
+    as_json: bool = typer.Option(False, "--json", help="print the full status as JSON"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Show a job's state, progress and counts per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client(url, api_key) as client:
+        s: JobStatus = _service_call(client.status, job)
+    if as_json:
+        typer.echo(s.model_dump_json(indent=2))
+        return
+    progress = f"{100 * s.progress:.1f}%" if s.progress is not None else f"epoch {s.epoch}"
+    table = Table(title=f"job {s.id}: {s.state} ({progress})")
+    table.add_column("stage")
+    table.add_column("problems", justify="right")
+    table.add_column("examples", justify="right")
+    for stage, n in s.stages.items():
+        table.add_row(stage, str(n), str(s.examples[stage]))
+    table.add_section()
+    table.add_row("dropped / ungradable", f"{s.dropped} / {s.ungradable}", "")
+    table.add_row("rows rejected", str(s.rows_rejected), "")
+    table.caption = f"{s.problems_done} problems done of {s.problems}; policy versions {s.policy_versions}"
+    console = Console()
+    console.print(table)
+    for err in s.errors:
+        console.print(f"[yellow]line {err.line}:[/] {err.message}")
+    if s.error:
+        console.print(f"[red]error:[/] {s.error}")
+
+
+@app.command()
+def results(
+    job: str = typer.Argument(..., help="job id"),
+    output: Path = typer.Option(..., "-o", "--output", help="records out: .jsonl or .parquet"),
+    url: str = URL_OPTION,
+    api_key: str | None = KEY_OPTION,
+) -> None:
+    """Download a job's examples (written atomically: a failed download leaves no partial file)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from shared.dataio import atomic_write_jsonl
+    from shared.schema import Example
+
+    with _client(url, api_key) as client:
+        s: JobStatus = _service_call(client.status, job)
+        if output.suffix == ".parquet":
+            data: bytes = _service_call(client.results_parquet, job)
+            tmp = output.with_name(f".{output.name}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(output)
+            typer.echo(f"wrote {output}")
+            return
+        with Progress(
+            TextColumn("[bold]downloading"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True)
+        ) as progress:
+            task = progress.add_task("results", total=s.examples_total)
+
+            def counted() -> Iterator[Example]:
+                for ex in client.results(job):
+                    progress.advance(task)
+                    yield ex
+
+            # a service error mid-download surfaces inside the write, which then removes its temp file
+            n = _service_call(atomic_write_jsonl, output, counted())
+    typer.echo(f"wrote {n} examples to {output}")

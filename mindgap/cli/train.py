@@ -1,0 +1,131 @@
+"""`mindgap train`: fine-tune with DeepSpeed ZeRO on an examples stream or file; `--nproc N` runs N ranks via torchrun.
+
+The same command is the entry point of `python -m trainer`, so `torchrun --nproc-per-node N -m trainer
+--config F …` (and multi-node torchrun rendezvous) takes exactly these options.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from mindgap.cli import app, fail, load_config, setup_logging
+
+_NO_FORWARD = {"nproc", "verbose"}
+
+
+def train(
+    ctx: typer.Context,
+    source: str | None = typer.Option(None, help="'redis' (examples stream, group 'trainer') or a JSONL/parquet file"),
+    model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
+    loss: str | None = typer.Option(None, help="sft | dft | is"),
+    is_level: str | None = typer.Option(None, help="importance weights per 'token' or per 'sequence'"),
+    is_geometric: bool | None = typer.Option(
+        None, "--is-geometric/--no-is-geometric", help="sequence level: per-token geometric mean of the ratio"
+    ),
+    is_clip: float | None = typer.Option(None, help="truncate importance weights at C"),
+    expert_fallback: str | None = typer.Option(None, help="loss for expert records under --loss is: dft | sft"),
+    kl_coef: float | None = typer.Option(None, help="β of the k3 KL penalty to the frozen reference (0 = off)"),
+    ref_model: str | None = typer.Option(None, help="KL reference model (default: --model)"),
+    zero_stage: int | None = typer.Option(
+        None, help="DeepSpeed ZeRO stage 0-3 (1 and 2 run as 0 on a single rank: nothing to partition)"
+    ),
+    nproc: int | None = typer.Option(None, help="ranks on this machine; > 1 relaunches through torchrun"),
+    max_steps: int | None = typer.Option(None, help="optimizer steps (counted across resumes)"),
+    checkpoint_dir: Path | None = typer.Option(None, help="where v{N}/ weights and training state go"),
+    checkpoint_every: int | None = typer.Option(None, help="steps between checkpoints (= policy versions)"),
+    keep_checkpoints: int | None = typer.Option(None, help="newest checkpoints kept"),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume", help="continue from the newest checkpoint"),
+    max_staleness: int | None = typer.Option(None, help="examples older than current version − S are affected"),
+    staleness_mode: str | None = typer.Option(None, help="drop | downweight"),
+    staleness_decay: float | None = typer.Option(None, help="downweight factor per version beyond S"),
+    lr: float | None = typer.Option(None, help="peak learning rate"),
+    min_lr_ratio: float | None = typer.Option(None, help="cosine floor as a fraction of --lr"),
+    warmup_steps: int | None = typer.Option(None, help="linear warm-up steps"),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay"),
+    grad_clip: float | None = typer.Option(None, help="gradient-norm clip (0 = off)"),
+    batch_size: int | None = typer.Option(None, help="examples per optimizer step over all ranks"),
+    micro_batch_size: int | None = typer.Option(None, help="examples per forward pass per rank"),
+    grad_accum: int | None = typer.Option(None, help="micro-batches per rank per step (derived from --batch-size)"),
+    max_seq_len: int | None = typer.Option(None, help="longer prompt+completion records are rejected"),
+    precision: str | None = typer.Option(None, help="bf16 | fp32"),
+    grad_checkpointing: bool | None = typer.Option(
+        None, "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in backward"
+    ),
+    seed: int | None = typer.Option(None),
+    epochs: int | None = typer.Option(None, help="passes over a file source"),
+    redis_url: str | None = typer.Option(None, help="Redis URL"),
+    prefix: str | None = typer.Option(None, help="Redis key prefix"),
+    consumer: str | None = typer.Option(None, help="consumer name in group 'trainer' (reuse it to resume)"),
+    run_name: str | None = typer.Option(None, help="progress goes to <prefix>:trainer:<run>"),
+    publish: bool | None = typer.Option(
+        None, "--publish/--no-publish", help="announce checkpoints in Redis (default: with --source redis)"
+    ),
+    idle_exit_s: float | None = typer.Option(None, help="redis: finish after S seconds without new entries"),
+    log_every: int | None = typer.Option(None, help="steps between metric lines"),
+    tensorboard_dir: Path | None = typer.Option(None, help="TensorBoard log folder"),
+    metrics_jsonl: Path | None = typer.Option(None, help="append one JSON line of metrics per logged step"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
+    """Fine-tune on example records (SFT, DFT or importance-weighted), publishing checkpoints as policy versions."""
+    setup_logging(verbose)
+    from trainer.config import TrainerConfig
+
+    overrides = {k: v for k, v in ctx.params.items() if k not in ("config", "verbose")}
+    cfg = load_config(TrainerConfig, config, **overrides)
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(_relaunch(ctx, cfg.nproc))
+    from trainer.train import run
+
+    try:
+        run(cfg)
+    except ValueError as exc:  # configuration problems found once the world size is known
+        raise fail(str(exc)) from None
+
+
+def _relaunch(ctx: typer.Context, nproc: int) -> int:
+    """Run this same command as `torchrun --nproc-per-node N -m trainer <the given options>`; its exit status."""
+    import torch
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    argv += ["-m", "trainer", *_forward_flags(ctx)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    proc = subprocess.Popen(argv, env=env)
+    # torchrun passes SIGTERM/SIGINT on to every rank, which then stop gracefully (final checkpoint).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+    return proc.wait()
+
+
+def _forward_flags(ctx: typer.Context) -> list[str]:
+    """The options given on this command line, as flags again (nproc dropped: the ranks must not relaunch)."""
+    flags: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if value is None or param.name in _NO_FORWARD or not param.opts[0].startswith("--"):
+            continue
+        if getattr(param, "is_flag", False):
+            flags.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            flags += [param.opts[0], str(value)]
+    if ctx.params.get("verbose"):
+        flags.append("--verbose")
+    return flags
+
+
+def main() -> None:
+    """Entry point of `python -m trainer` (what torchrun starts per rank): the `train` command on its own."""
+    standalone = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    standalone.command()(train)
+    standalone(prog_name="python -m trainer")
+
+
+app.command("train")(train)

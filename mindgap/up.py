@@ -1,0 +1,527 @@
+"""`mindgap up` orchestration: Redis, the rewrite service and the trainer as supervised child processes.
+
+The orchestrator never imports the service or the trainer. It starts them through their CLIs, reads
+their progress from Redis keys (`shared.keys`) and the service's REST API, and stops them by signal.
+Each child runs in its own process group, so Ctrl-C on the terminal reaches only the orchestrator, which
+then stops every child (SIGTERM to the whole group, SIGKILL after a grace period) in reverse start order.
+Children write their output to `<run>/logs/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
+
+from shared.config import MindgapSettings
+from shared.keys import TRAINER_GROUP, Keys
+from shared.streams import group_lag
+
+log = logging.getLogger("mindgap.up")
+
+TRAINER_RUN = "up"
+UNREACHABLE_S = 60.0
+
+
+class OrchestrateError(Exception):
+    """A failure `mindgap up` reports in one line: a missing dependency, a dead child, a timeout."""
+
+
+class ChildFailed(OrchestrateError):
+    """A child process exited while the loop needed it."""
+
+    def __init__(self, child: Child, code: int) -> None:
+        super().__init__(f"{child.name} exited with status {code} (log: {child.log_path})")
+        self.child = child
+        self.code = code
+
+
+class Interrupted(OrchestrateError):
+    """Ctrl-C or SIGTERM arrived before the loop was running."""
+
+
+class UpConfig(MindgapSettings):
+    """The configuration of one `mindgap up` process (TOML file, MINDGAP_… env, CLI flags)."""
+
+    data: Path = Field(description="problems to rewrite: JSONL/JSON/parquet, submitted as an online job")
+    fields: dict[str, str] = Field(default_factory=dict, description="field mapping: canonical → source column")
+    params: dict[str, Any] = Field(default_factory=dict, description="stage parameters of the job (StageParams)")
+    model: str = Field("default", description="HF id, local path or 'default': served and trained")
+    backend: Literal["vllm", "fake"] = Field("vllm", description="service inference engine (fake: tests)")
+    nproc: int = Field(1, ge=1, description="trainer ranks (torchrun when > 1)")
+    loss: Literal["sft", "dft", "is"] = Field("dft", description="trainer loss")
+    checkpoint_every: int = Field(10, ge=1, description="trainer steps between published policy versions")
+    max_versions: int | None = Field(None, ge=1, description="stop after this many new versions were loaded")
+    epochs: int | None = Field(None, ge=1, description="passes of the online job over DATA (None: until stopped)")
+    max_lag: int = Field(
+        64, ge=0, description="service pauses while the trainer lags more examples (keeps data near the policy)"
+    )
+    redis_url: str | None = Field(None, description="env MINDGAP_REDIS_URL; None starts a local redis-server")
+    key_prefix: str = Field("mindgap", min_length=1, description="prefix of every Redis key")
+    host: str = Field("127.0.0.1", description="service bind address")
+    port: int = Field(0, ge=0, le=65535, description="service port (0: a free one)")
+    run_dir: Path | None = Field(None, description="logs, Redis data, checkpoints (default out/up-<time>)")
+    service_config: Path | None = Field(None, description="TOML passed to `mindgap serve --config`")
+    train_config: Path | None = Field(None, description="TOML passed to `mindgap train --config`")
+    ready_timeout_s: float = Field(900.0, gt=0, description="wait this long for Redis and the service")
+    grace_s: float = Field(30.0, gt=0, description="SIGTERM → SIGKILL grace per child when stopping")
+    poll_s: float = Field(1.0, gt=0, description="status refresh interval")
+
+
+@dataclass
+class ChildSpec:
+    """How to start one child: its name (also its log file's), argv, and env added to ours."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Child:
+    """A running child process, leader of its own process group, output in `<log_dir>/<name>.log`."""
+
+    def __init__(self, spec: ChildSpec, log_dir: Path) -> None:
+        self.name = spec.name
+        self.log_path = log_dir / f"{spec.name}.log"
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **spec.env},
+                start_new_session=True,
+            )
+        log.info("started %s (pid %d): %s", self.name, self.proc.pid, " ".join(spec.argv))
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last `lines` lines of the child's log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def group_alive(self) -> bool:
+        """Whether any process of the child's group is still there (the leader may be gone already)."""
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace_s: float) -> int:
+        """SIGTERM the whole group, SIGKILL what is left after `grace_s`; return the leader's exit status."""
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            # the leader can exit first while workers it launched (torchrun ranks) are still stopping
+            if self.proc.poll() is not None and not self.group_alive():
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("%s did not stop within %.0fs: sending SIGKILL", self.name, grace_s)
+            self._signal_group(signal.SIGKILL)
+        return self.proc.wait()
+
+
+class Supervisor:
+    """Starts children, notices when one dies, and stops them all in reverse order (also on errors)."""
+
+    def __init__(self, log_dir: Path, grace_s: float = 30.0) -> None:
+        self.log_dir = log_dir
+        self.grace_s = grace_s
+        self.children: list[Child] = []
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, spec: ChildSpec) -> Child:
+        """Start `spec` as a supervised child."""
+        child = Child(spec, self.log_dir)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise ChildFailed for the first child that has exited."""
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None:
+                raise ChildFailed(child, code)
+
+    def stop(self) -> dict[str, int]:
+        """Stop every child, last started first; return their exit statuses by name."""
+        codes: dict[str, int] = {}
+        for child in reversed(self.children):
+            if child.proc.poll() is None or child.group_alive():
+                log.info("stopping %s", child.name)
+            codes[child.name] = child.stop(self.grace_s)
+        self.children.clear()
+        return codes
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_spec(run_dir: Path) -> tuple[ChildSpec, str]:
+    """A local redis-server on a free loopback port with AOF data in `<run>/redis`, and its URL."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise OrchestrateError(
+            "redis-server not found on PATH: install Redis (e.g. apt-get install redis-server) "
+            "or point MINDGAP_REDIS_URL at a running one"
+        )
+    data = run_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve())]
+    argv += ["--appendonly", "yes", "--save", ""]
+    return ChildSpec("redis", argv), f"redis://127.0.0.1:{port}/0"
+
+
+def _cli(*args: str) -> list[str]:
+    # the same interpreter and package as this process, whatever is on PATH
+    return [sys.executable, "-m", "mindgap.cli", *args]
+
+
+def service_spec(cfg: UpConfig, port: int) -> ChildSpec:
+    """`mindgap serve` for this loop (Redis URL, prefix and keys come through env from `run_up`)."""
+    argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--engine", cfg.backend)
+    if cfg.service_config is not None:
+        argv += ["--config", str(cfg.service_config)]
+    return ChildSpec("service", argv)
+
+
+def trainer_spec(cfg: UpConfig, checkpoint_dir: Path) -> ChildSpec:
+    """`mindgap train --source redis` for this loop, publishing its progress under run name TRAINER_RUN."""
+    argv = _cli("train", "--source", "redis", "--model", cfg.model, "--nproc", str(cfg.nproc))
+    argv += ["--loss", cfg.loss, "--checkpoint-dir", str(checkpoint_dir)]
+    argv += ["--checkpoint-every", str(cfg.checkpoint_every), "--run-name", TRAINER_RUN]
+    if cfg.train_config is not None:
+        argv += ["--config", str(cfg.train_config)]
+    return ChildSpec("trainer", argv)
+
+
+class Reload(BaseModel):
+    """One entry of the service's reload history (`/v1/policy`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int
+    time: float = Field(description="unix time the reload finished")
+    duration_s: float | None = None
+    outcome: str = Field("loaded", description="loaded | refused | failed")
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the service serves these weights now (or did, until a later version)."""
+        return self.outcome == "loaded"
+
+
+class PolicyView(BaseModel):
+    """The service's `/v1/policy`: the version it serves and its reload history."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int
+    history: list[Reload] = Field(default_factory=list)
+
+
+class ServiceApi:
+    """The few REST calls `mindgap up` makes (plain httpx: the orchestrator imports no service code)."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
+
+    async def ready(self) -> bool:
+        """Whether `/readyz` answers 200 (connection errors mean not yet)."""
+        try:
+            return (await self.http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def submit_online(
+        self, data: Path, fields: dict[str, str], params: dict[str, Any], epochs: int | None
+    ) -> str:
+        """Upload `data` as an online job (cycling until stopped, or `epochs` passes); return the job id."""
+        spec = {"mode": "online", "epochs": epochs, "fields": fields, "params": params, "name": "mindgap up"}
+        with data.open("rb") as f:
+            resp = await self.http.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={"file": (data.name, f)})
+        _raise_for(resp, "submitting the job")
+        return str(resp.json()["id"])
+
+    async def stage_counts(self, job_id: str) -> dict[str, int]:
+        """Examples per stage the job has produced so far."""
+        resp = await self.http.get(f"/v1/jobs/{job_id}")
+        _raise_for(resp, "reading the job status")
+        return {str(k): int(v) for k, v in resp.json().get("examples", {}).items()}
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel the job (best effort: a job that already ended answers 409)."""
+        resp = await self.http.post(f"/v1/jobs/{job_id}/cancel")
+        if resp.status_code not in (200, 202, 409):
+            _raise_for(resp, "cancelling the job")
+
+    async def policy(self) -> PolicyView:
+        """The version the service serves and its reload history."""
+        resp = await self.http.get("/v1/policy")
+        _raise_for(resp, "reading /v1/policy")
+        return PolicyView.model_validate(resp.json())
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self.http.aclose()
+
+
+def _raise_for(resp: httpx.Response, doing: str) -> None:
+    if resp.status_code >= 400:
+        raise OrchestrateError(f"service answered {resp.status_code} {doing}: {resp.text[:300]}")
+
+
+@dataclass
+class LoopStatus:
+    """What the live status line shows."""
+
+    elapsed_s: float
+    served_version: int
+    published_version: int | None = None
+    stages: dict[str, int] = field(default_factory=dict)
+    step: int | None = None
+    loss: float | None = None
+    lag: int | None = None
+
+    def line(self) -> str:
+        """One line: policy version, stage mix, trainer step and loss, stream lag, elapsed time."""
+        minutes, seconds = divmod(int(self.elapsed_s), 60)
+        parts = [f"policy v{self.served_version}"]
+        if self.published_version is not None and self.published_version != self.served_version:
+            parts[0] += f" (published v{self.published_version})"
+        total = sum(self.stages.values())
+        if total:
+            mix = " ".join(f"{s} {100 * self.stages.get(s, 0) / total:.0f}%" for s in ("self", "guided", "expert"))
+            parts.append(f"{total} examples: {mix}")
+        else:
+            parts.append("no examples yet")
+        if self.step is not None:
+            parts.append(f"step {self.step}" + (f" loss {self.loss:.4f}" if self.loss is not None else ""))
+        if self.lag is not None:
+            parts.append(f"lag {self.lag}")
+        parts.append(f"{minutes:02d}:{seconds:02d}")
+        return " · ".join(parts)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def read_trainer(r: aioredis.Redis, keys: Keys, run: str) -> tuple[int | None, float | None, int | None]:
+    """The trainer's published (step, loss) and the policy version announced in Redis."""
+    state = {_text(k): _text(v) for k, v in (await r.hgetall(keys.trainer_state(run))).items()}
+    version = _text(await r.hget(keys.policy, "version"))
+    step, loss = state.get("step"), state.get("loss")
+    return (
+        int(step) if step else None,
+        float(loss) if loss else None,
+        int(version) if version else None,
+    )
+
+
+@dataclass
+class UpResult:
+    """How a loop ended: the reason, the service's reloads after the start version, and where things are."""
+
+    reason: Literal["max-versions", "interrupted"]
+    start_version: int
+    reloads: list[Reload]
+    run_dir: Path
+    exit_codes: dict[str, int]
+
+
+def new_versions(view: PolicyView, start_version: int) -> list[int]:
+    """Distinct versions above `start_version` that the service loaded successfully, in order."""
+    seen: list[int] = []
+    for r in view.history:
+        if r.ok and r.version > start_version and r.version not in seen:
+            seen.append(r.version)
+    return seen
+
+
+async def _wait_until(
+    probe: Callable[[], Awaitable[bool]], what: str, sup: Supervisor, stop: asyncio.Event, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sup.check()
+        if stop.is_set():
+            raise Interrupted(f"interrupted while waiting for {what}")
+        if await probe():
+            return
+        if time.monotonic() > deadline:
+            raise OrchestrateError(f"{what} not ready after {timeout_s:.0f}s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+def default_run_dir() -> Path:
+    """out/up-<UTC time>: one folder per loop."""
+    return Path("out") / f"up-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class UpPlan:
+    """A loop, ready to run: the resolved config, its run folder and the two children to start."""
+
+    cfg: UpConfig
+    run_dir: Path
+    service: ChildSpec
+    trainer: ChildSpec
+    service_url: str
+    api_key: str
+
+    @classmethod
+    def from_config(cls, cfg: UpConfig) -> UpPlan:
+        """Resolve the run folder, a free port and a session API key; build the children's commands."""
+        run_dir = (cfg.run_dir or default_run_dir()).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        port = cfg.port or free_port()
+        connect_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        return cls(
+            cfg=cfg,
+            run_dir=run_dir,
+            service=service_spec(cfg, port),
+            trainer=trainer_spec(cfg, run_dir / "checkpoints"),
+            service_url=f"http://{connect_host}:{port}",
+            api_key=secrets.token_urlsafe(24),
+        )
+
+
+async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda s: None) -> UpResult:
+    """Run the loop until Ctrl-C/SIGTERM or `max_versions` new versions were loaded; always stop children."""
+    cfg = plan.cfg
+    keys = Keys(cfg.key_prefix)
+    # the key lets a user reach the session's service (curl, `mindgap status`) while it runs
+    fd = os.open(plan.run_dir / "api_key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file was there before with wider permissions
+    with os.fdopen(fd, "w") as key_file:
+        key_file.write(plan.api_key + "\n")
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    api = ServiceApi(plan.service_url, plan.api_key)
+    started = time.monotonic()
+    sup = Supervisor(plan.run_dir / "logs", cfg.grace_s)
+    r: aioredis.Redis | None = None
+    reason: Literal["max-versions", "interrupted"] = "interrupted"
+    start_version = 0
+    reloads: list[Reload] = []
+    try:
+        redis_url = cfg.redis_url
+        if redis_url is None:
+            spec, redis_url = redis_spec(plan.run_dir)
+            sup.start(spec)
+        r = aioredis.from_url(redis_url)
+
+        async def redis_up() -> bool:
+            assert r is not None
+            try:
+                return bool(await r.ping())
+            except (RedisError, OSError):
+                return False
+
+        await _wait_until(redis_up, f"Redis at {redis_url}", sup, stop, cfg.ready_timeout_s)
+        env = {
+            "MINDGAP_REDIS_URL": redis_url,
+            "MINDGAP_KEY_PREFIX": cfg.key_prefix,  # service's name for it
+            "MINDGAP_PREFIX": cfg.key_prefix,  # trainer's name for it
+            "MINDGAP_API_KEYS": plan.api_key,
+            "MINDGAP_ADMIN_KEYS": plan.api_key,
+        }
+        sup.start(
+            ChildSpec("service", plan.service.argv, {**plan.service.env, **env, "MINDGAP_MAX_LAG": str(cfg.max_lag)})
+        )
+        sup.start(ChildSpec("trainer", plan.trainer.argv, {**plan.trainer.env, **env}))
+        await _wait_until(api.ready, f"service {plan.service_url}/readyz", sup, stop, cfg.ready_timeout_s)
+        start_version = (await api.policy()).version
+        job_id = await api.submit_online(cfg.data, cfg.fields, cfg.params, cfg.epochs)
+        log.info("submitted %s as online job %s; serving policy v%d", cfg.data, job_id, start_version)
+        unreachable_since: float | None = None
+        while not stop.is_set():
+            sup.check()
+            try:
+                view = await api.policy()
+                status = LoopStatus(
+                    elapsed_s=time.monotonic() - started,
+                    served_version=view.version,
+                    stages=await api.stage_counts(job_id),
+                )
+                status.step, status.loss, status.published_version = await read_trainer(r, keys, TRAINER_RUN)
+                if await r.exists(keys.examples):
+                    status.lag = await group_lag(r, keys.examples, TRAINER_GROUP)
+                unreachable_since = None
+            except (httpx.TransportError, RedisError, OSError) as exc:
+                # a dying child shows up in sup.check() next round; anything else gets a grace period
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_S:
+                    raise OrchestrateError(f"service or Redis unreachable for {UNREACHABLE_S:.0f}s: {exc}") from exc
+                await asyncio.sleep(0.5)
+                continue
+            reloads = [h for h in view.history if h.version > start_version]
+            on_status(status)
+            if cfg.max_versions is not None and len(new_versions(view, start_version)) >= cfg.max_versions:
+                reason = "max-versions"
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), cfg.poll_s)
+        # a stopped loop leaves no job behind that a later service on the same Redis would resume
+        with contextlib.suppress(OrchestrateError, httpx.HTTPError):
+            await api.cancel(job_id)
+    except Interrupted:
+        reason = "interrupted"
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await api.aclose()
+        if r is not None:
+            await r.aclose()
+        codes = sup.stop()
+    return UpResult(reason, start_version, reloads, plan.run_dir, codes)
