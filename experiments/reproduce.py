@@ -130,13 +130,13 @@ class Recorder:
         print(f"=== {name}: {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
     def mindgap(self, *args: object) -> None:
-        """Run `mindgap ARGS` (as `python -m mindgap.cli`), fail loudly, remember the command."""
+        """Run `mindgap ARGS` (as `python -m mindgap`), fail loudly, remember the command."""
         argv = [str(a) for a in args]
         command = "mindgap " + shlex.join(argv)
         with (self.out / "commands.txt").open("a") as f:  # appended: a --resume run keeps the earlier ones
             f.write(command + "\n")
         print("$ " + command, file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "mindgap.cli", *argv], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "mindgap", *argv], check=True, cwd=ROOT)
 
 
 def slice_gsm8k(src: Path, out: Path, train_size: int, eval_size: int, seed: int) -> tuple[Path, Path]:

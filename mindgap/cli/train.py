@@ -1,7 +1,7 @@
 """`mindgap train`: fine-tune with DeepSpeed ZeRO on an examples stream or file; `--nproc N` runs N ranks via torchrun.
 
-The same command is the entry point of `python -m trainer`, so `torchrun --nproc-per-node N -m trainer
---config F …` (and multi-node torchrun rendezvous) takes exactly these options.
+`--nproc N` relaunches as `torchrun --nproc-per-node N -m trainer …`: `trainer/__main__.py` parses the
+same options (flag = config key in kebab case) on every rank, so multi-node torchrun rendezvous works too.
 """
 
 from __future__ import annotations
@@ -106,26 +106,29 @@ def _relaunch(ctx: typer.Context, nproc: int) -> int:
 
 
 def _forward_flags(ctx: typer.Context) -> list[str]:
-    """The options given on this command line, as flags again (nproc dropped: the ranks must not relaunch)."""
+    """The options given on this command line, as `python -m trainer` flags (nproc dropped: ranks must not relaunch).
+
+    pydantic-settings' parser on the ranks takes `--x/--no-x` for a plain bool but `--x true|false` for
+    an optional one (`publish`: None means "decide from the source").
+    """
+    from trainer.config import TrainerConfig
+
     flags: list[str] = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name or "")
         if value is None or param.name in _NO_FORWARD or not param.opts[0].startswith("--"):
             continue
         if getattr(param, "is_flag", False):
-            flags.append(param.opts[0] if value else param.secondary_opts[0])
+            field = TrainerConfig.model_fields.get(param.name or "")
+            if field is not None and not field.is_required() and field.default is None:
+                flags += [param.opts[0], "true" if value else "false"]
+            else:
+                flags.append(param.opts[0] if value else param.secondary_opts[0])
         else:
             flags += [param.opts[0], str(value)]
     if ctx.params.get("verbose"):
         flags.append("--verbose")
     return flags
-
-
-def main() -> None:
-    """Entry point of `python -m trainer` (what torchrun starts per rank): the `train` command on its own."""
-    standalone = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    standalone.command()(train)
-    standalone(prog_name="python -m trainer")
 
 
 app.command("train")(train)

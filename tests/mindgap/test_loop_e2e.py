@@ -46,7 +46,7 @@ PROBE = {
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mindgap.cli", *args]
+    return [sys.executable, "-m", "mindgap", *args]
 
 
 def _engine_env() -> dict[str, str]:

@@ -179,7 +179,7 @@ def test_config_file_env_and_flags_merge(tmp_path: Path, monkeypatch: pytest.Mon
 def test_console_script_in_a_subprocess(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mindgap.cli", "rewrite", str(data), "-o", str(out), "--engine", "fake"]
+    cmd = [sys.executable, "-m", "mindgap", "rewrite", str(data), "-o", str(out), "--engine", "fake"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "resolved config RewriteConfig" in proc.stderr and "warning" in proc.stderr

@@ -34,7 +34,7 @@ def test_rewrite_default_model_on_arithmetic(default_model_dir: Path, tmp_path: 
     src.write_text("".join(json.dumps({"question": q, "solution": s}) + "\n" for q, s in PROBLEMS))
     out = tmp_path / "out.jsonl"
     cmd = [
-        *(sys.executable, "-m", "mindgap.cli", "rewrite", str(src), "-o", str(out)),
+        *(sys.executable, "-m", "mindgap", "rewrite", str(src), "-o", str(out)),
         *("--model", str(default_model_dir), "--k", "2", "--resolve-attempts", "2", "--max-tokens", "96"),
         *("--max-model-len", "1024", "--enforce-eager"),  # eager: no minutes of torch.compile on CPU
     ]

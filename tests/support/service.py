@@ -97,7 +97,7 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
-        argv = [sys.executable, "-m", "mindgap.cli", "serve", "--engine", "fake", "--port", str(self.port), *self.args]
+        argv = [sys.executable, "-m", "mindgap", "serve", "--engine", "fake", "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -70,7 +70,7 @@ def write_jsonl(path: Path, rows: list[Example]) -> Path:
 
 
 def train_argv(model_dir: Path, ckpt_dir: Path, **options: Any) -> list[str]:
-    """`python -m mindgap.cli train …` with fp32 defaults suited to a tiny model on CPU, `options` as flags."""
+    """`python -m mindgap train …` with fp32 defaults suited to a tiny model on CPU, `options` as flags."""
     opts: dict[str, Any] = {
         "model": model_dir,
         "checkpoint_dir": ckpt_dir,
@@ -80,7 +80,7 @@ def train_argv(model_dir: Path, ckpt_dir: Path, **options: Any) -> list[str]:
         "min_lr_ratio": 1.0,
         "micro_batch_size": 1,
     } | options
-    argv = [sys.executable, "-m", "mindgap.cli", "train"]
+    argv = [sys.executable, "-m", "mindgap", "train"]
     for key, value in opts.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv

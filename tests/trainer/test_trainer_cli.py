@@ -54,3 +54,58 @@ def test_forwarded_flags_reproduce_the_options(monkeypatch, tmp_path: Path):
     tail = argv[argv.index("trainer") + 1 :]
     assert tail == ["--loss", "is", "--is-geometric", "--kl-coef", "0.1", "--no-resume", "--verbose"]
     assert "--nproc" not in tail  # the ranks must not relaunch themselves
+
+
+def test_ranks_parse_the_forwarded_flags_into_the_same_config(monkeypatch, tmp_path: Path):
+    """`python -m trainer` (torchrun's entry) parses TrainerConfig itself: what `mindgap train` forwards
+    resolves on the rank to exactly the config the command resolved."""
+    from trainer.__main__ import parse_args
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    captured = {}
+
+    class FakePopen:
+        def __init__(self, argv, env):
+            captured["argv"] = argv
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr("mindgap.cli.train.subprocess.Popen", FakePopen)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = ["--source", str(data), "--loss", "is", "--is-level", "sequence", "--no-publish", "--no-resume"]
+    args += ["--max-steps", "7", "--lr", "0.001", "--checkpoint-dir", str(tmp_path / "ck"), "--idle-exit-s", "2.5"]
+    assert runner.invoke(app, ["train", "--nproc", "2", *args]).exit_code == 0
+    argv = captured["argv"]
+    rank_cfg, verbose = parse_args(argv[argv.index("trainer") + 1 :])
+    expected = TrainerConfig.load(
+        None,
+        source=str(data),
+        loss="is",
+        is_level="sequence",
+        publish=False,
+        resume=False,
+        max_steps=7,
+        lr=0.001,
+        checkpoint_dir=tmp_path / "ck",
+        idle_exit_s=2.5,
+        nproc=1,
+    )
+    assert rank_cfg.model_dump() == expected.model_dump() and not verbose
+
+
+def test_rank_entry_errors_are_one_line(tmp_path: Path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "--max-steps", "0", "--source", "redis"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid configuration: max_steps:"), result.stderr

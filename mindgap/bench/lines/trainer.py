@@ -85,7 +85,7 @@ def mindgap_train(
     metrics = work / f"{name}.metrics.jsonl"
     metrics.unlink(missing_ok=True)
     args = [
-        sys.executable, "-m", "mindgap.cli", "train",
+        sys.executable, "-m", "mindgap", "train",
         "--source", str(data), "--model", str(model_dir), "--loss", "dft", "--precision", precision,
         "--zero-stage", "2", "--nproc", str(nproc), "--batch-size", str(batch),
         "--micro-batch-size", str(batch // nproc), "--max-steps", str(steps), "--max-seq-len", str(seq_len),
