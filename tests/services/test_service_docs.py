@@ -1,4 +1,4 @@
-"""The README's "Service" curl examples, run as written against a live `mindgap serve --engine fake`."""
+"""The curl examples of docs/service.md, run as written against a live `mindgap serve --engine fake`."""
 
 from __future__ import annotations
 
@@ -17,25 +17,24 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 MARKER = "<!-- test: service -->"
 
 
-def service_blocks(readme: str) -> list[str]:
-    """The ```bash blocks of the "## Service" section that follow the test marker."""
-    section = readme.split("\n## Service\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(re.escape(MARKER) + r"\s*```bash\n(.*?)```", section, re.S)
+def service_blocks(page: str) -> list[str]:
+    """The ```bash blocks of the service page that follow the test marker."""
+    blocks = re.findall(re.escape(MARKER) + r"\s*```bash\n(.*?)```", page, re.S)
     return [str(b) for b in blocks]
 
 
-def test_readme_curl_examples_run_against_a_live_server(
+def test_service_docs_curl_examples_run_against_a_live_server(
     serve_process: Callable[..., ServeProcess], tmp_path: Path
 ) -> None:
     if shutil.which("curl") is None or shutil.which("jq") is None:
-        pytest.skip("curl and jq are needed to run the README examples")
-    blocks = service_blocks((REPO / "README.md").read_text())
-    assert len(blocks) >= 2, "the README's Service section lost its tested examples"
-    server = serve_process(MINDGAP_API_KEYS="readme-key")
+        pytest.skip("curl and jq are needed to run the docs examples")
+    blocks = service_blocks((REPO / "docs" / "service.md").read_text())
+    assert len(blocks) >= 2, "docs/service.md lost its tested examples"
+    server = serve_process(MINDGAP_API_KEYS="docs-key")
     server.start()
     (tmp_path / "examples").symlink_to(REPO / "examples")
     script = "set -euo pipefail\n" + "\n".join(blocks)
-    env = {"PATH": "/usr/bin:/bin", "MINDGAP_URL": server.url, "MINDGAP_API_KEY": "readme-key"}
+    env = {"PATH": "/usr/bin:/bin", "MINDGAP_URL": server.url, "MINDGAP_API_KEY": "docs-key"}
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     out = done.stdout
