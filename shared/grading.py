@@ -4,10 +4,21 @@ Extraction order for a model response (`extract_prediction`):
   1. the content of the last `\\boxed{…}` (or `\\fbox{…}` / `\\framebox{…}`), nested braces allowed;
   2. else the last "#### X", "the (final) answer is X" or "Answer: X" phrase;
   3. else the last number in the text (integers, decimals, `a/b`, thousands separators, sign).
+Step 3 is the lenient, paper-compatible fallback evaluation uses. Keeping data is strict
+(`strict=True`, `states_final_answer`): a response that never states its answer explicitly has none,
+because its last number may be any intermediate ("Step 2: 4 more. Total unknown.").
 
-Gold answers (`extract_gold`) come from the answer field when it holds one — a plain answer, a GSM8K
-solution ending in `#### 42`, a `\\boxed{}` or an OlympiadBench list such as `['$\\frac{1}{2}$']` —
-else from the solution's last `\\boxed{}` or `#### X`.
+Comparison rules both methods share: integers compare exactly and only non-integers get a relative
+tolerance (1e-4, for rounded decimals); a comma-separated answer is a list (`1,1` is two answers) unless
+it is one number written with thousands separators (`1,000`, `10,\\!080`), and lists compare as
+multisets of the same size; unit text after a number (`9 \\text{ apples}`, `\\text{9 apples}`, `9 apples`)
+is dropped.
+
+Gold answers (`extract_gold`, `find_gold`) come from the answer field when it holds one — a plain answer,
+a GSM8K solution ending in `#### 42`, a `\\boxed{}` or an OlympiadBench list such as `['$\\frac{1}{2}$']`;
+an answer field of several lines is a worked solution and is read like one — else from the solution's last
+`\\boxed{}`, its `#### X`, or an answer phrase on its last line ("The answer is: 72", "Answer: 5",
+"Final answer: 5", MetaMathQA style).
 
 math-verify's own timeouts use `signal.alarm`, which only works in a process's main thread, so the
 `Grader` runs every comparison in the main thread of pool worker processes and guards each item with a
@@ -113,24 +124,41 @@ def _join_answers(parts: Sequence[str]) -> str:
 
 def extract_gold(answer: str | None, solution: str | None) -> str | None:
     """The gold answer from an answer field (plain, `#### X`, boxed, list-as-text) or else from the solution."""
+    found = find_gold(answer, solution)
+    return None if found is None else found[0]
+
+
+def find_gold(answer: str | None, solution: str | None) -> tuple[str, str] | None:
+    """The gold answer and where it was found (e.g. "answer", "solution \\boxed{}"), or None."""
     if answer is not None and answer.strip():
         items = _list_text(answer)
         if items is not None:
-            return _join_answers(items) or None
-        if "####" in answer:
-            tail = answer.rsplit("####", 1)[1].strip()
-            return tail.replace(",", "") if re.fullmatch(_NUMBER, tail) else tail or None
+            joined = _join_answers(items)
+            return (joined, "answer list") if joined else None
+        if "\n" in answer.strip() or "####" in answer:  # a worked solution in the answer field (GSM8K…)
+            found = _gold_in_solution(answer)
+            return None if found is None else (found[0], f"answer {found[1]}")
         boxes = _boxed_contents(answer)
         if boxes:
-            return boxes[-1] or None
-        return _strip_dollars(answer) or None
-    if solution:
-        boxes = _boxed_contents(solution)
-        if boxes and boxes[-1]:
-            return boxes[-1]
-        if "####" in solution:
-            return solution.rsplit("####", 1)[1].strip().replace(",", "") or None
-    return None
+            return (boxes[-1], "answer \\boxed{}") if boxes[-1] else None
+        plain = _strip_dollars(answer)
+        return (plain, "answer") if plain else None
+    return _gold_in_solution(solution) if solution else None
+
+
+def _gold_in_solution(solution: str) -> tuple[str, str] | None:
+    """The last `\\boxed{}`, else `#### X`, else an answer phrase on the last non-empty line."""
+    boxes = _boxed_contents(solution)
+    if boxes and boxes[-1]:
+        return boxes[-1], "\\boxed{}"
+    if "####" in solution:
+        tail = solution.rsplit("####", 1)[1].strip()
+        tail = tail.replace(",", "") if re.fullmatch(_NUMBER, tail) else tail
+        return (tail, "####") if tail else None
+    # Only the last line: "the answer is" earlier in a worked solution is often part of the reasoning.
+    last = solution.strip().rsplit("\n", 1)[-1]
+    phrases = [p for p in (_phrase_answer(m.group(1)) for m in _ANSWER_PHRASE.finditer(last)) if p]
+    return (phrases[-1], "answer phrase") if phrases else None
 
 
 def _phrase_answer(captured: str) -> str:
@@ -143,16 +171,27 @@ def _phrase_answer(captured: str) -> str:
     return _TRAILING_WORDS.sub("", _strip_dollars(text)).strip("*").strip()
 
 
-def extract_prediction(response: str) -> str | None:
-    """The model's final answer: last `\\boxed{}`, else an "answer is"/"####" phrase, else the last number."""
+def extract_prediction(response: str, strict: bool = False) -> str | None:
+    """The model's final answer: last `\\boxed{}`, else an "answer is"/"####" phrase, else the last number.
+
+    `strict` drops the last-number fallback: only an explicitly stated answer counts. Where strict
+    extraction finds an answer it is the lenient one, so a strict check before lenient grading is exact.
+    """
     boxes = [b for b in _boxed_contents(response) if b]
     if boxes:
         return boxes[-1]
     phrases = [p for p in (_phrase_answer(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)) if p]
     if phrases:
         return phrases[-1]
+    if strict:
+        return None
     numbers = re.findall(_NUMBER, response)
     return numbers[-1].replace(",", "") if numbers else None
+
+
+def states_final_answer(response: str) -> bool:
+    """Whether `response` states its final answer explicitly (`\\boxed{}` or an answer phrase)."""
+    return extract_prediction(response, strict=True) is not None
 
 
 # ---------------------------------------------------------------------------------------- math-verify
@@ -174,11 +213,44 @@ def answers_match(pred: str, gold: str, timeout_seconds: int | None = 5) -> bool
 
     if _normalize_text(pred) == _normalize_text(gold) and _normalize_text(gold):
         return True
+    pred_parts, gold_parts = _answer_list(pred), _answer_list(gold)
+    plus_minus = any(pm in pred + gold for pm in ("\\pm", "\\mp"))  # math-verify expands `1 \pm 2` to a set
+    if (pred_parts is not None or gold_parts is not None) and not plus_minus:
+        # math-verify reads `1,1` as the set {1}, which equals `1`: lists are compared here instead.
+        if pred_parts is None or gold_parts is None or len(pred_parts) != len(gold_parts):
+            return False
+        return _multiset_equal(pred_parts, gold_parts, lambda p, g: answers_match(p, g, timeout_seconds))
     gold_parsed = parse(_for_math_verify(gold), parsing_timeout=timeout_seconds)
     pred_parsed = parse(_for_math_verify(pred), parsing_timeout=timeout_seconds)
     if not gold_parsed or not pred_parsed:
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_seconds))
+
+
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _answer_list(answer: str) -> list[str] | None:
+    """The answers of an unbracketed comma-separated list (`1, 3, 5`), or None for a single answer.
+
+    One number with thousands separators (`1,000`, `\\$32,\\!348`) is a single answer.
+    """
+    parts = _split_top_level(answer)
+    if len(parts) < 2:
+        return None
+    compact = re.sub(r"\\[!,;]|\\?\$|\s", "", answer)
+    return None if _THOUSANDS.fullmatch(compact) else parts
+
+
+def _multiset_equal(preds: Sequence[str], golds: Sequence[str], equal: Callable[[str, str], bool]) -> bool:
+    """Whether every prediction matches a distinct gold (same count, any order: `1, 3` is `3, 1`)."""
+    remaining = list(golds)
+    for p in preds:
+        hit = next((g for g in remaining if equal(p, g)), None)
+        if hit is None:
+            return False
+        remaining.remove(hit)
+    return not remaining
 
 
 # ---------------------------------------------------------------------------- Qwen2.5-Math equivalence
@@ -188,6 +260,21 @@ _UNIT_WORDS = (
     "hours?|minutes?|seconds?|days?|years?|dollars?|cents?|pounds?|miles?|kg|grams?|liters?|ml|"
     "points?|people|students?|percent"
 )
+
+
+_TEXT_GROUP = r"\\(?:text|mbox|mathrm)\{[^{}]*\}"
+_PLAIN_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:/\d+)?|[-+]?\\[dt]?frac\{-?\d+(?:\.\d+)?\}\{\d+(?:\.\d+)?\}"
+# A number followed by unit text: `9 \text{ apples}`, `9 apples` (two letters at least, so `5 i` stays).
+_NUMBER_THEN_TEXT = re.compile(rf"({_PLAIN_NUMBER})\s*(?:{_TEXT_GROUP}|[A-Za-z]{{2,}}(?:\s+[A-Za-z]+)*)")
+_TEXT_WRAPPED = re.compile(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}")
+
+
+def _drop_unit_text(s: str) -> str:
+    """The number alone when `s` is a number with unit text after it, or such a thing inside `\\text{}`."""
+    wrapped = _TEXT_WRAPPED.fullmatch(s)
+    inner = wrapped.group(1).strip() if wrapped else s
+    m = _NUMBER_THEN_TEXT.fullmatch(inner)
+    return m.group(1) if m else s
 
 
 def _fix_fracs(s: str) -> str:
@@ -225,6 +312,7 @@ def strip_string(s: str) -> str:
     s = re.sub(r"\\begin\{array\}\{.*?\}", r"\\begin{pmatrix}", s).replace("\\end{array}", "\\end{pmatrix}")
     s = s.replace("bmatrix", "pmatrix").replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("\\{", "{").replace("\\}", "}")
+    s = _drop_unit_text(s.strip())
     # Trailing unit words, with or without \text{}/\mbox{}/\mathrm{}.
     s = re.sub(
         r"\\(?:text|mbox|mathrm)\{[\s~]*(?:" + _UNIT_WORDS + r"|m|g|s|mm|nm|K|J|W|N|Hz|eV)\s*\}(\^\{?-?\d\}?)?\s*$",
@@ -261,6 +349,8 @@ def _normalize_text(s: str) -> str:
 def _to_number(s: str) -> float | None:
     """A float for a plain number, a percentage or a constant LaTeX expression; None otherwise."""
     # Thousands separators are gone after strip_string: a comma here separates answers.
+    if re.fullmatch(r"-?\d+", s):
+        return int(s)  # exact, however large (a float would make 2**60 equal 2**60 + 1)
     try:
         return float(s)
     except ValueError:
@@ -297,8 +387,13 @@ def _split_top_level(s: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _numbers_equal(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9)
+def _numbers_equal(pred: float, gold: float) -> bool:
+    """Integers exactly (123456 is not 123457); a relative 1e-4 only between two non-integers."""
+    if isinstance(pred, int) and isinstance(gold, int):
+        return pred == gold
+    if float(pred).is_integer() or float(gold).is_integer():
+        return math.isclose(pred, gold, rel_tol=1e-12, abs_tol=1e-12)  # float noise only (0.2 * 100)
+    return math.isclose(pred, gold, rel_tol=1e-4, abs_tol=1e-9)
 
 
 def _qwen_equal(pred: str, gold: str, depth: int, percent: bool) -> bool:
@@ -308,7 +403,7 @@ def _qwen_equal(pred: str, gold: str, depth: int, percent: bool) -> bool:
     if gold_num is not None and pred_num is not None:
         # A percentage may be written as 20 or 0.2. Qwen accepts both scalings always; only doing so when
         # a % was written avoids passing 2 for 200.
-        scales = (1.0, 0.01, 100.0) if percent else (1.0,)
+        scales = (1, 0.01, 100) if percent else (1,)  # int 1 and 100 keep an integer gold an int
         return any(_numbers_equal(pred_num, gold_num * k) for k in scales)
     if depth > 3:
         return False
@@ -324,13 +419,7 @@ def _qwen_equal(pred: str, gold: str, depth: int, percent: bool) -> bool:
     p_parts, g_parts = _split_top_level(pred), _split_top_level(gold)
     if len(g_parts) > 1 and len(p_parts) == len(g_parts):
         # Unbracketed lists of answers ("1, 3, 5"): equal as multisets.
-        remaining = list(g_parts)
-        for p in p_parts:
-            hit = next((g for g in remaining if _qwen_equal(p, g, depth + 1, percent)), None)
-            if hit is None:
-                return False
-            remaining.remove(hit)
-        return True
+        return _multiset_equal(p_parts, g_parts, lambda p, g: _qwen_equal(p, g, depth + 1, percent))
     return _symbolic_equal(pred, gold)
 
 

@@ -19,6 +19,7 @@ from shared.grading import (
     extract_prediction,
     grade_response,
     qwen_math_equal,
+    states_final_answer,
     strip_string,
 )
 
@@ -98,6 +99,22 @@ PAIRS: list[tuple[str, str, bool]] = [
     # GSM8K / AMC integers
     ("72", "72", True),
     ("72", "73", False),
+    # integers compare exactly (a relative tolerance made these equal under the Qwen rules)
+    ("123457", "123456", False),
+    ("100001", "100000", False),
+    ("123456", "123456.0", True),
+    # a comma-separated answer is a list unless it is one number with thousands separators
+    ("1,1", "1", False),
+    ("1", "1,1", False),
+    ("1,1,2", "1,2,2", False),
+    ("1,1", "1, 1", True),
+    ("1,000", "1000", True),
+    ("12,34", "1234", False),
+    # unit text around a number
+    ("9", "9 \\text{ apples}", True),
+    ("9", "\\text{9 apples}", True),
+    ("9", "9 apples", True),
+    ("9", "8 \\text{ apples}", False),
 ]
 
 
@@ -161,6 +178,19 @@ def test_strip_string(raw: str, normalised: str) -> None:
     assert strip_string(raw) == normalised
 
 
+def test_integers_compare_exactly_beyond_float_precision() -> None:
+    big = 2**60
+    assert not qwen_math_equal(str(big + 1), str(big))
+    assert not answers_match(str(big + 1), str(big))
+    assert qwen_math_equal(str(big), str(big))
+
+
+def test_non_integers_keep_a_relative_tolerance_under_the_qwen_rules() -> None:
+    assert qwen_math_equal("1.50001", "1.5")  # a rounded decimal
+    assert not qwen_math_equal("1.5002", "1.5")
+    assert not qwen_math_equal("3", "3.0001")  # an integer against a non-integer is not rounding
+
+
 def test_answers_match_in_process() -> None:
     assert answers_match("\\frac{1}{2}", "0.5")
     assert not answers_match("\\frac{1}{3}", "0.5")
@@ -221,6 +251,37 @@ def test_extract_gold(answer: str | None, solution: str | None, gold: str | None
 )
 def test_extract_prediction(response: str, pred: str | None) -> None:
     assert extract_prediction(response) == pred
+
+
+IMPLICIT = [
+    "Step 1: 3 apples. Step 2: 4 more. Total unknown.",
+    "We have 3 cats and 4 dogs, so 12.5 legs",
+    "The total is 1,234 dollars",
+    "I answered this before: 4",
+]
+
+
+@pytest.mark.parametrize("response", IMPLICIT)
+def test_strict_extraction_needs_an_explicit_answer(response: str) -> None:
+    assert extract_prediction(response) is not None  # the lenient, paper-compatible fallback
+    assert extract_prediction(response, strict=True) is None
+    assert not states_final_answer(response)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "so $x = \\boxed{\\frac{1}{\\sqrt{2}}}$",
+        "The answer is $\\frac{3}{4}$.",
+        "Final answer: 12",
+        "**Answer:** 15",
+        "blah\n#### 1,200",
+        "Final Answer: The final answer is $-2$. I hope it is correct.",
+    ],
+)
+def test_strict_extraction_agrees_with_lenient_where_an_answer_is_stated(response: str) -> None:
+    assert states_final_answer(response)
+    assert extract_prediction(response, strict=True) == extract_prediction(response)
 
 
 def test_grade_response_without_answer_is_false() -> None:
