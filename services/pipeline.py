@@ -49,7 +49,7 @@ from services.engine import Engine, RequestRejected, Sample, SamplingConfig
 from shared.config import GuidanceMode, StageParams
 from shared.grading import Grader, extract_gold, extract_prediction
 from shared.prompts import guided_messages, leak_reason, solve_messages
-from shared.schema import ChatMessage, Example, Grade, Problem, Stage, example_id, wire_logprobs
+from shared.schema import ChatMessage, Example, Grade, Problem, Sampling, Stage, example_id, wire_logprobs
 
 STAGES = (Stage.SELF, Stage.GUIDED, Stage.EXPERT)
 
@@ -156,15 +156,20 @@ async def _rewrite_problem(
         if expert is not None:
             w.kept.append(expert)
 
-    # target_logprobs: every kept response scored on the training prompt.
-    scores = await asyncio.gather(*(engine.score(w.plain_prompt, k.token_ids) for k in w.kept), return_exceptions=True)
+    # target_logprobs, only when the job asks: every kept response scored on the training prompt.
+    scores: Sequence[list[float] | BaseException | None] = [None] * len(w.kept)
+    if params.score:
+        calls = (engine.score(w.plain_prompt, k.token_ids) for k in w.kept)
+        scores = await asyncio.gather(*calls, return_exceptions=True)
+    # Every stage of one problem samples with the same temperature and top-p.
+    sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
     for kept, target in zip(w.kept, scores, strict=True):
         if isinstance(target, RequestRejected):
             w.outcome.rejected.append(f"scoring the {kept.stage.value} response: {target}")
         elif isinstance(target, BaseException):
             raise target
         else:
-            w.outcome.examples.append(_example(w, kept, target, policy_version, id_salt))
+            w.outcome.examples.append(_example(w, kept, target, sampling, policy_version, id_salt))
     w.outcome.stage = w.outcome.examples[0].stage if w.outcome.examples else None
 
 
@@ -246,7 +251,9 @@ def _expert_response(w: _Work, engine: Engine) -> _Kept | None:
     )
 
 
-def _example(w: _Work, kept: _Kept, target: list[float], policy_version: int, id_salt: str) -> Example:
+def _example(
+    w: _Work, kept: _Kept, target: list[float] | None, sampling: Sampling, policy_version: int, id_salt: str
+) -> Example:
     out = w.outcome
     index = sum(1 for e in out.examples if e.stage is kept.stage)
     meta: dict[str, Any] = {
@@ -269,8 +276,10 @@ def _example(w: _Work, kept: _Kept, target: list[float], policy_version: int, id
         completion_token_ids=kept.token_ids,
         stage=kept.stage,
         policy_version=policy_version,
+        # Behaviour log-probs are under the sampling distribution; expert text has neither.
+        sampling=None if kept.behavior_logprobs is None else sampling,
         behavior_logprobs=None if kept.behavior_logprobs is None else wire_logprobs(kept.behavior_logprobs),
-        target_logprobs=wire_logprobs(target),
+        target_logprobs=None if target is None else wire_logprobs(target),
         answer=w.gold,
         grade=kept.grade,
         meta=meta,

@@ -49,6 +49,11 @@ class StageParams(BaseModel):
         2, ge=1, description="sampling rounds per stage: later rounds only for problems still short of `keep`"
     )
     expert_fallback: bool = Field(True, description="fall back to the expert demonstration when unsolved")
+    score: bool = Field(
+        False,
+        description="score every kept response on the training prompt (the records' target_logprobs); costs"
+        " a prefill per example and nothing reads them by default (see docs/pipeline.md)",
+    )
 
 
 class EngineConfig(BaseModel):

@@ -34,6 +34,9 @@ def rewrite(
     top_p: float | None = typer.Option(None),
     max_tokens: int | None = typer.Option(None, help="response length cap; cut responses are not kept"),
     guidance: str | None = typer.Option(None, help="guided prompt mode: solution | answer | hint"),
+    score: bool | None = typer.Option(
+        None, "--score/--no-score", help="store target_logprobs: score kept responses on the training prompt (off)"
+    ),
     batch_size: int | None = typer.Option(None, help="problems per pipeline batch"),
     config: Path | None = typer.Option(None, "--config", help="TOML config file"),
     engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
@@ -55,6 +58,7 @@ def rewrite(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "guidance": guidance,
+        "score": score,
     }
     engine_opts = {
         "model": model,

@@ -52,7 +52,7 @@ def raw_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def records_file(tmp_path: Path) -> Path:
     with Grader(workers=1, timeout=10) as grader:
-        outcomes = await rewrite_batch(PROBLEMS, FakeEngine(), grader, StageParams(k=2, resolve_attempts=2))
+        outcomes = await rewrite_batch(PROBLEMS, FakeEngine(), grader, StageParams(k=2, resolve_attempts=2, score=True))
     path = tmp_path / "rewritten.jsonl"
     atomic_write_jsonl(path, [ex for o in outcomes for ex in o.examples])
     return path

@@ -41,7 +41,7 @@ DONE = ("trainer",)  # after the fixture, the trainer has finished its steps (ex
 # fixed response on a fixed prompt, a deterministic read-out of the weights being served
 PROBE = {
     "rows": [{"id": "probe", "question": "What is 6 times 7?", "solution": "6 times 7 is 42.\n#### 42"}],
-    "params": {"k": 0, "resolve_attempts": 0, "max_tokens": 16},
+    "params": {"k": 0, "resolve_attempts": 0, "max_tokens": 16, "score": True},
 }
 
 

@@ -36,7 +36,7 @@ def test_rewrite_default_model_on_arithmetic(default_model_dir: Path, tmp_path: 
     cmd = [
         *(sys.executable, "-m", "mindgap", "rewrite", str(src), "-o", str(out)),
         *("--model", str(default_model_dir), "--k", "2", "--resolve-attempts", "2", "--max-tokens", "96"),
-        *("--max-model-len", "1024", "--enforce-eager"),  # eager: no minutes of torch.compile on CPU
+        *("--max-model-len", "1024", "--enforce-eager", "--score"),  # eager: no minutes of torch.compile on CPU
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -46,7 +46,7 @@ def test_rewrite_default_model_on_arithmetic(default_model_dir: Path, tmp_path: 
     assert {e.problem_id for e in examples} == {str(i) for i in range(1, len(PROBLEMS) + 1)}
     eos = AutoTokenizer.from_pretrained(str(default_model_dir)).eos_token_id
     for ex in examples:
-        assert len(ex.target_logprobs) == len(ex.completion_token_ids)
+        assert ex.target_logprobs is not None and len(ex.target_logprobs) == len(ex.completion_token_ids)
         assert all(lp <= 0.0 for lp in ex.target_logprobs)
         assert ex.completion_token_ids[-1] == eos
         if ex.stage is Stage.EXPERT:

@@ -31,7 +31,8 @@ def problem(pid: str = "p1", question: str = QUESTION, solution: str | None = SO
 
 
 def params(**kw) -> StageParams:
-    base = {"k": 4, "resolve_attempts": 2, "keep": 1, "rounds": 1, "temperature": 0.7, "max_tokens": 200}
+    # scoring on: most tests here check target_logprobs (test_scoring_only_when_asked covers it off)
+    base = {"k": 4, "resolve_attempts": 2, "keep": 1, "rounds": 1, "temperature": 0.7, "max_tokens": 200, "score": True}
     return StageParams(**(base | kw))
 
 
@@ -333,3 +334,25 @@ async def test_a_failing_problem_cancels_the_rest_of_its_batch(grader: Grader) -
     with pytest.raises(RuntimeError, match="engine died"):  # the error itself, not an exception group
         await asyncio.wait_for(run(engine, grader, [problem("slow", SLOW, None, "2"), problem("fast")]), 20)
     assert engine.cancelled_waits == 1  # the slow problem's request was abandoned, not left running
+
+
+@pytest.mark.parametrize("score", [False, True])
+async def test_scoring_only_when_asked(grader: Grader, score: bool) -> None:
+    # three problems, one per stage (the default script: 3+0 and 1+0 unsolved alone, 2+0 solved)
+    problems = [problem(f"q{a}", f"What is {a}+0?", f"{a} + 0 = {a}\n#### {a}", str(a)) for a in (2, 3)]
+    problems.append(problem("x", "What is 1+0?", "Add nothing to one.", None))  # ungradable: expert only
+    engine = FakeEngine()
+    outcomes = await rewrite_batch(problems, engine, grader, params(score=score, top_p=0.9))
+    examples = [e for out in outcomes for e in out.examples]
+    assert {e.stage for e in examples} >= {Stage.SELF, Stage.GUIDED, Stage.EXPERT}
+    scored = [c for c in engine.calls if c.kind == "score"]
+    assert len(scored) == (len(examples) if score else 0)
+    assert engine.stats.scored_tokens == (sum(len(e.completion_token_ids) for e in examples) if score else 0)
+    for e in examples:
+        assert (e.target_logprobs is not None) == score
+        # sampled records carry the distribution they were drawn from; expert text has none
+        if e.stage is Stage.EXPERT:
+            assert e.sampling is None and e.behavior_logprobs is None
+        else:
+            assert e.sampling is not None and (e.sampling.temperature, e.sampling.top_p) == (0.7, 0.9)
+    assert StageParams().score is False

@@ -64,5 +64,6 @@ async def test_two_concurrent_jobs_on_vllm_complete_into_the_stream(
     assert {e.problem_id for e in examples} == {"1", "2"}  # row numbers of each job
     assert len({e.id for e in examples}) == len(examples)
     for ex in examples:
-        assert len(ex.target_logprobs) == len(ex.completion_token_ids) > 0
+        assert len(ex.completion_token_ids) > 0
+        assert ex.target_logprobs is None  # online jobs do not score unless params.score asks
         assert ex.policy_version == 0

@@ -20,7 +20,7 @@ from shared.dataio import (
     read_problems,
     read_problems_from_rows,
 )
-from shared.schema import ChatMessage, Example, Stage
+from shared.schema import ChatMessage, Example, Sampling, Stage
 
 # (file, --field specs, rows, limit or None) — the invocations a user would type for each source.
 SHARED_FILES = [
@@ -233,6 +233,7 @@ def _example(i: int) -> Example:
         completion_token_ids=[1, 2],
         stage=Stage.SELF,
         policy_version=0,
+        sampling=Sampling(temperature=0.7, top_p=1.0),
         behavior_logprobs=[-0.1, -0.2],
         target_logprobs=[-0.1, -0.2],
         answer="a",

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.keys import TRAINER_GROUP, Keys
-from shared.schema import ChatMessage, Example, Stage
+from shared.schema import ChatMessage, Example, Sampling, Stage
 from shared.streams import dead_letter, field, group_lag, publish_examples, wait_for_capacity
 
 pytestmark = pytest.mark.redis
@@ -23,6 +23,7 @@ def make_example(i: int) -> Example:
         completion_token_ids=[1, 2],
         stage=Stage.SELF,
         policy_version=0,
+        sampling=Sampling(temperature=0.7, top_p=1.0),
         behavior_logprobs=[-0.1, -0.2],
         target_logprobs=[-0.1, -0.3],
         answer="1",

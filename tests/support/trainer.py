@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from shared.keys import Keys
-from shared.schema import ChatMessage, Example, Stage
+from shared.schema import ChatMessage, Example, Sampling, Stage
 from shared.streams import publish_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +41,8 @@ def make_examples(model_dir: Path, n: int, tag: str = "ex") -> list[Example]:
                 completion_token_ids=ids,
                 stage=stage,
                 policy_version=0,
+                # temperature 1: the ratio's π_θ is the trained one, as the trainer tests expect
+                sampling=None if behavior is None else Sampling(temperature=1.0, top_p=1.0),
                 behavior_logprobs=behavior,
                 target_logprobs=[-1.0] * len(ids),
                 answer=str(i),

@@ -29,7 +29,7 @@ from mindgap.bench.redis_server import ThrowawayRedis
 from mindgap.bench.report import LineResult
 from mindgap.bench.timings import Row, summarize
 from shared.keys import TRAINER_GROUP, Keys
-from shared.schema import ChatMessage, Example, Stage, example_id, wire_logprobs
+from shared.schema import ChatMessage, Example, Sampling, Stage, example_id, wire_logprobs
 from shared.streams import ensure_group, publish_examples
 
 TARGET = 0.5
@@ -51,6 +51,7 @@ def sample_example(index: int, tokens: int = 256, seed: int = 0) -> Example:
         completion_token_ids=ids,
         stage=Stage.SELF,
         policy_version=0,
+        sampling=Sampling(temperature=0.7, top_p=1.0),
         behavior_logprobs=wire_logprobs(behavior.tolist()),
         target_logprobs=wire_logprobs(target.tolist()),
         answer="87",
