@@ -115,9 +115,10 @@ class Example(BaseModel):
             if self.target_logprobs is None:
                 raise ValueError("target_logprobs is required in schema_version 1 records")
         elif (self.sampling is None) != (self.behavior_logprobs is None):
+            behavior = "null" if self.behavior_logprobs is None else "set"
             raise ValueError(
                 "sampling (temperature, top_p) must be given exactly when behavior_logprobs are"
-                f" (got sampling={self.sampling}, behavior_logprobs {'set' if self.behavior_logprobs is not None else 'null'})"
+                f" (sampling {self.sampling}, behavior_logprobs {behavior})"
             )
         return self
 
