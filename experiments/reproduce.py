@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
-from services import evaluate, gap  # noqa: E402
+from mindgap.evaluation import accuracy as evaluate  # noqa: E402
+from mindgap.evaluation import gap  # noqa: E402
 from mindgap.evaluation.benchmarks import data_dir  # noqa: E402
 from shared.config import EngineConfig, StageParams  # noqa: E402
 from shared.dataio import FieldMap, atomic_write_jsonl, atomic_write_text, read_problems  # noqa: E402

@@ -16,7 +16,8 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,17 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
-from vllm.outputs import RequestOutput
+from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import CpuArchEnum, current_platform
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from services.engine import EngineStats, RequestRejected, Sample, SamplingConfig
+from services import vllm_version
+from services.engine import EngineStats, RequestRejected, Sample, SampleStream, SamplingConfig
 from shared.checkpoints import CheckpointError, CheckpointShapes, check_same_shapes, checkpoint_shapes
 from shared.config import EngineConfig
 from shared.model_source import resolve_model
-from shared.prompts import render_prompt_ids
+from shared.prompts import completion_token_ids, render_prompt_ids, turn_end_ids
 from shared.schema import ChatMessage
 
 log = logging.getLogger("mindgap.engine")
@@ -54,7 +56,9 @@ class VLLMEngine:
         self.model_path = model_path
         self.stats = EngineStats()
         self._reference = reference
-        self._eos_id: int = self.tokenizer.eos_token_id
+        # The chat template's end-of-turn token (not necessarily EOS): sampling stops on it and expert
+        # completions end with it, so sampled and expert records of this model end alike.
+        self.turn_end: list[int] = turn_end_ids(self.tokenizer)
         self._in_flight = 0
         self._busy_since = 0.0
         self._reload_lock = asyncio.Lock()  # two reloads must not interleave their pause/resume
@@ -62,6 +66,8 @@ class VLLMEngine:
     @classmethod
     async def create(cls, cfg: EngineConfig) -> VLLMEngine:
         """Start an engine for `cfg.model` ('default', a local folder or an HF id)."""
+        supported, line = vllm_version.check(vllm_version.installed_release(), vllm_version.tested_release())
+        log.log(logging.INFO if supported else logging.WARNING, "%s", line)
         model = resolve_model(cfg.model)
         if current_platform.is_cpu() and cfg.kv_cache_gib is not None:
             set_cpu_kv_cache_space(cfg.kv_cache_gib)
@@ -88,10 +94,8 @@ class VLLMEngine:
         return render_prompt_ids(self.tokenizer, messages)
 
     def encode_completion(self, text: str) -> list[int]:
-        """Token ids of an assistant response written by someone else (expert), ending with EOS."""
-        # split_special_tokens: a literal "<|im_end|>" in the data stays text, as in the prompt.
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        return [*ids, self._eos_id]
+        """Token ids of an assistant response written by someone else (expert), ending with the turn terminator."""
+        return completion_token_ids(self.tokenizer, text, self.turn_end)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
@@ -100,25 +104,33 @@ class VLLMEngine:
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig) -> list[Sample]:
         """Sample `params.n` responses to one prompt, each with its tokens' sampling log-probs."""
-        sampling = SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_tokens,
-            stop=list(params.stop) or None,
-            logprobs=0,  # 0 = only the sampled token's own log-prob
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        final = await self._run(prompt_ids, sampling)
-        samples = []
-        for out in sorted(final.outputs, key=lambda o: o.index):
-            token_ids = list(out.token_ids)
-            assert out.logprobs is not None, "vLLM returned no log-probs although they were requested"
-            logprobs = [_logprob_of(tok, position) for tok, position in zip(token_ids, out.logprobs, strict=True)]
-            samples.append(Sample(out.text, token_ids, logprobs, out.finish_reason or "length"))
-            self.stats.generated_tokens += len(token_ids)
+        final = await self._run(prompt_ids, _sampling_params(params, params.n, self.turn_end))
+        samples = [self._sample(out) for out in sorted(final.outputs, key=lambda o: o.index)]
         self.stats.generate_calls += 1
         return samples
+
+    @asynccontextmanager
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingConfig) -> AsyncIterator[SampleStream]:
+        """Sample `params.n` responses to one prompt, yielded as each finishes; leaving the context aborts the rest.
+
+        The samples are `n` requests of one sample each rather than one request with `n`: vLLM fans an
+        `n` request out into `n` engine requests anyway (sharing the prompt's cached blocks the same way),
+        but holds back all of them until the last has finished.
+        """
+        stream = _VLLMStream(self, prompt_ids, params)
+        self.stats.generate_calls += 1
+        try:
+            yield stream
+        finally:
+            await stream.close()
+
+    def _sample(self, out: CompletionOutput) -> Sample:
+        """One vLLM completion as a Sample (an aborted one holds the tokens generated before the abort)."""
+        token_ids = list(out.token_ids)
+        assert out.logprobs is not None, "vLLM returned no log-probs although they were requested"
+        logprobs = [_logprob_of(tok, position) for tok, position in zip(token_ids, out.logprobs, strict=True)]
+        self.stats.generated_tokens += len(token_ids)
+        return Sample(out.text, token_ids, logprobs, out.finish_reason or "length")
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """log p(completion_ids[t] | prompt, completion_ids[:t]) under the current weights, temperature 1."""
@@ -175,7 +187,7 @@ class VLLMEngine:
         """Stop the engine-core process and release its memory."""
         self._llm.shutdown()
 
-    async def _run(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> RequestOutput:
+    async def _run(self, prompt_ids: Sequence[int], sampling: SamplingParams, request_id: str = "") -> RequestOutput:
         """Submit one request and wait for its final output, keeping the busy-time counter."""
         if self._in_flight == 0:
             self._busy_since = time.perf_counter()
@@ -184,7 +196,7 @@ class VLLMEngine:
             final: RequestOutput | None = None
             prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
             try:
-                async for output in self._llm.generate(prompt, sampling, request_id=f"mg-{uuid.uuid4().hex}"):
+                async for output in self._llm.generate(prompt, sampling, request_id=request_id or _request_id()):
                     final = output
             except VLLMClientError as exc:  # this request only (too long, bad parameters)
                 raise RequestRejected(str(exc)) from exc
@@ -194,6 +206,69 @@ class VLLMEngine:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self.stats.busy_seconds += time.perf_counter() - self._busy_since
+
+
+class _VLLMStream:
+    """The `n` one-sample requests of `VLLMEngine.stream`, yielded in the order they finish."""
+
+    def __init__(self, engine: VLLMEngine, prompt_ids: Sequence[int], params: SamplingConfig) -> None:
+        self._engine = engine
+        sampling = _sampling_params(params, 1, engine.turn_end)
+        self._ids = [_request_id() for _ in range(params.n)]
+        # Each request's task lands in `_done` when it ends, so the iteration takes them as they finish.
+        self._done: asyncio.Queue[asyncio.Task[RequestOutput]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(engine._run(prompt_ids, sampling, rid)) for rid in self._ids]
+        for task in self._tasks:
+            task.add_done_callback(self._done.put_nowait)
+        self._taken: set[asyncio.Task[RequestOutput]] = set()  # yielded, or returned by `abort`
+
+    def __aiter__(self) -> AsyncIterator[Sample]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Sample]:
+        while len(self._taken) < len(self._tasks):
+            task = await self._done.get()
+            if task in self._taken:  # already returned by `abort`
+                continue
+            self._taken.add(task)
+            yield self._engine._sample(task.result().outputs[0])  # a refused request raises here
+
+    async def abort(self) -> list[Sample]:
+        """Abort the running requests; every sample not yet yielded, the aborted ones with their tokens so far."""
+        running = [rid for rid, task in zip(self._ids, self._tasks, strict=True) if not task.done()]
+        if running:
+            # Aborted by their own ids (not by cancelling the tasks), each request still ends with a final
+            # output: vLLM's abort output, holding the tokens generated so far.
+            await self._engine._llm.abort(running)
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        rest = [task for task in self._tasks if task not in self._taken]
+        self._taken.update(rest)
+        return [self._engine._sample(task.result().outputs[0]) for task in rest if task.exception() is None]
+
+    async def close(self) -> None:
+        """Cancel whatever still runs (vLLM aborts a request whose consumer is cancelled) and wait for it."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _request_id() -> str:
+    return f"mg-{uuid.uuid4().hex}"
+
+
+def _sampling_params(params: SamplingConfig, n: int, stop_token_ids: list[int]) -> SamplingParams:
+    """vLLM's sampling parameters for `n` samples of `params`, with the sampled tokens' log-probs, final output only."""
+    return SamplingParams(
+        n=n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens,
+        stop=list(params.stop) or None,
+        stop_token_ids=stop_token_ids,  # vLLM also stops on the model's EOS; the stop token is kept in the output
+        logprobs=0,  # 0 = only the sampled token's own log-prob
+        output_kind=RequestOutputKind.FINAL_ONLY,
+    )
 
 
 def _engine_dtype(dtype: str) -> str:

