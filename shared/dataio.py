@@ -11,7 +11,9 @@ import io
 import json
 import os
 import random
+import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,18 +22,25 @@ from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ValidationError
 
-from shared.grading import extract_gold
+from shared.grading import find_gold
+from shared.layouts import (
+    AUTO_FIELDS,
+    CHAT_FIELDS,
+    Mapped,
+    RowReject,
+    Source,
+    compile_source,
+    describe_row,
+    map_row,
+    normalize_gold,
+    suggest_question,
+    top_level_name,
+)
 from shared.schema import Example, Problem
 
 CANONICAL_FIELDS = ("id", "question", "solution", "answer")
-
-# Source field names tried, in order, for a canonical field the user did not map. `id` is never guessed:
-# without a mapping the row number is the id, so a sloppy source id column cannot collide.
-AUTO_FIELDS: dict[str, tuple[str, ...]] = {
-    "question": ("question", "problem", "prompt", "query", "instruction"),
-    "solution": ("solution", "response", "output"),
-    "answer": ("answer", "final_answer", "gold", "target"),
-}
+TURN_FIELD = "turn"  # not a field: which user turn of a conversation to read (`turn=2`, `turn=-1`)
+FIELDS_FLAG = "--fields"  # how errors tell a CLI user to map a field (job specs take the same CANONICAL=SOURCE)
 
 Row = dict[str, Any]
 RowItem = tuple[int, Row | Exception]
@@ -54,38 +63,67 @@ class RowError:
 
 @dataclass(frozen=True)
 class FieldMap:
-    """Which source field feeds each canonical field; None means auto-detect (or, for `id`, the row number)."""
+    """Which source feeds each canonical field — a field name, a dotted path (`meta.final`) or a template
+    (`{Body} {Question}`) — and which user turn of a conversation is read. None means auto-detect (for
+    `id`: the row number; for `turn`: a conversation must hold a single exchange)."""
 
     id: str | None = None
     question: str | None = None
     solution: str | None = None
     answer: str | None = None
+    turn: int | None = None
 
     def mapped(self) -> dict[str, str]:
-        """The explicitly mapped canonical → source field pairs."""
-        return {k: v for k in CANONICAL_FIELDS if (v := getattr(self, k)) is not None}
+        """The explicit mapping as CANONICAL → SOURCE specs (`turn` included), as a job spec's `fields`."""
+        specs = {k: v for k in CANONICAL_FIELDS if (v := getattr(self, k)) is not None}
+        return specs | ({TURN_FIELD: str(self.turn)} if self.turn is not None else {})
+
+    def sources(self) -> dict[str, Source | None]:
+        """Each canonical field's compiled source (None: auto-detect)."""
+        return {k: None if (v := getattr(self, k)) is None else compile_source(v) for k in CANONICAL_FIELDS}
 
 
 @dataclass
 class ReadResult:
-    """Problems read from a dataset, the rows skipped, and how many problems have no gold answer."""
+    """Problems read from a dataset, the rows skipped, and how the rows were read.
+
+    `sources` counts, per canonical field (plus `gold` and `system`), where the values came from
+    ("'messages' user turn": 120); `skipped` counts the skipped rows by kind of failure.
+    """
 
     problems: list[Problem] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     ungradable: int = 0
+    rows: int = 0
+    sources: dict[str, Counter[str]] = field(default_factory=dict)
+    skipped: Counter[str] = field(default_factory=Counter)
 
 
 def parse_field_specs(specs: Sequence[str] | None) -> FieldMap:
-    """Parse `--field question=problem` style specs into a FieldMap."""
-    mapping: dict[str, str] = {}
+    """Parse `--fields question=problem` style specs (paths, templates, `turn=N`) into a FieldMap."""
+    mapping: dict[str, Any] = {}
     for spec in specs or ():
         name, sep, source = (part.strip() for part in spec.partition("="))
         if not sep or not name or not source:
             raise DataError(f"bad field mapping {spec!r}: expected CANONICAL=SOURCE, e.g. question=problem")
-        if name not in CANONICAL_FIELDS:
-            raise DataError(f"bad field mapping {spec!r}: {name!r} is not one of {', '.join(CANONICAL_FIELDS)}")
+        if name not in (*CANONICAL_FIELDS, TURN_FIELD):
+            raise DataError(
+                f"bad field mapping {spec!r}: {name!r} is not one of {', '.join(CANONICAL_FIELDS)} or {TURN_FIELD}"
+            )
         if name in mapping:
             raise DataError(f"field {name!r} is mapped twice")
+        if name == TURN_FIELD:
+            try:
+                mapping[name] = int(source)
+            except ValueError:
+                mapping[name] = 0
+            if mapping[name] == 0:
+                raise DataError(f"bad field mapping {spec!r}: turn is a user turn number: 1, 2, … or -1 for the last")
+            continue
+        try:
+            compile_source(source)
+        except ValueError as exc:
+            raise DataError(f"bad field mapping {spec!r}: {exc}") from None
         mapping[name] = source
     return FieldMap(**mapping)
 
@@ -114,6 +152,8 @@ def _jsonl_rows(lines: Iterable[bytes | str]) -> Iterator[RowItem]:
             yield number, _row_or_error(json.loads(text))
         except json.JSONDecodeError as e:
             yield number, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            yield number, ValueError("JSON nested too deep to read")
 
 
 def _json_rows(text: str, name: str) -> Iterator[RowItem]:
@@ -124,6 +164,8 @@ def _json_rows(text: str, name: str) -> Iterator[RowItem]:
             yield from _jsonl_rows(text.splitlines())
             return
         raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{name}: JSON nested too deep to read") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
@@ -142,30 +184,67 @@ def _parquet_rows(source: str | Path | io.BytesIO) -> Iterator[RowItem]:
             yield number, row
 
 
-def _hf_rows(path: Path, split: str | None) -> Iterator[RowItem]:
+def _datasets_module(what: str) -> Any:
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"{path} is a folder: reading HF datasets folders needs the `datasets` package") from e
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as e:
-        raise DataError(f"{path} is not a saved HF dataset folder ({e})") from None
+        raise DataError(f"{what}: reading HF datasets needs the `datasets` package") from e
+    return datasets
+
+
+def _choose_split(ds: Any, split: str | None, where: str) -> Any:
+    """The split asked for of a DatasetDict (else `train`, else its only split); a Dataset as is."""
+    datasets = _datasets_module(where)
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds.keys())
         chosen = split or ("train" if "train" in ds else splits[0] if len(splits) == 1 else None)
         if chosen is None or chosen not in ds:
-            raise DataError(f"{path}: choose a split with --split (available: {', '.join(splits)})")
-        ds = ds[chosen]
-    elif split is not None and split != str(ds.split or split):
-        raise DataError(f"{path}: holds a single dataset (split {ds.split}), not split {split!r}")
-    for number, row in enumerate(ds, 1):
+            raise DataError(f"{where}: choose a split with --split (available: {', '.join(splits)})")
+        return ds[chosen]
+    if split is not None and split != str(ds.split or split):
+        raise DataError(f"{where}: holds a single dataset (split {ds.split}), not split {split!r}")
+    return ds
+
+
+def _hf_rows(path: Path, split: str | None) -> Iterator[RowItem]:
+    datasets = _datasets_module(f"{path} is a folder")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path} is not a saved HF dataset folder ({e})") from None
+    for number, row in enumerate(_choose_split(ds, split, str(path)), 1):
+        yield number, dict(row)
+
+
+# `owner/name` or `owner/name:config`, never a file name: what a hub id looks like on the command line.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?")
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq", ".csv", ".txt")
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """Whether `path` names a Hugging Face hub dataset (`openai/gsm8k`, `openai/gsm8k:main`), not a local path."""
+    text = str(path)
+    return bool(_HUB_ID.fullmatch(text)) and not text.lower().endswith(_DATA_SUFFIXES) and not Path(text).exists()
+
+
+def _hub_rows(name: str, split: str | None) -> Iterator[RowItem]:
+    datasets = _datasets_module(name)
+    repo, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split)
+    except Exception as e:  # offline, unknown id, gated, bad split: datasets raises many types
+        raise DataError(
+            f"{name}: no such file or folder, and cannot load it from the Hugging Face hub ({type(e).__name__}: {e})"
+        ) from None
+    for number, row in enumerate(_choose_split(ds, split, name), 1):
         yield number, dict(row)
 
 
 def iter_rows(path: str | Path, split: str | None = None) -> Iterator[RowItem]:
-    """Raw rows of a dataset file or folder as (line or row number, dict or the error for that row)."""
+    """Raw rows of a dataset file, HF folder or hub id, as (line or row number, dict or the error for that row)."""
     p = Path(path)
+    if is_hub_id(path):
+        return _hub_rows(str(path), split)
     if not p.exists():
         raise DataError(f"file not found: {p}")
     if p.is_dir():
@@ -199,32 +278,60 @@ def parse_upload(data: bytes, filename: str) -> Iterator[RowItem]:
 # --------------------------------------------------------------------------------- field mapping
 
 
-def _to_text(value: Any, canonical: str) -> str | None:
-    """Coerce a source value to text: integral floats lose `.0`, lists join (answers keep list form)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        parts = [p for p in (_to_text(v, canonical) for v in value) if p is not None]
-        if canonical == "answer":
-            # Written as a list so extract_gold treats it like OlympiadBench's list-as-text answers.
-            return repr(parts) if len(parts) > 1 else (parts[0] if parts else None)
-        return "\n\n".join(parts)
-    return json.dumps(value, ensure_ascii=False, default=str)
+SHOWN_REJECTS = 3  # rejected rows quoted in a whole-file error
 
 
-def _source_field(row: Row, canonical: str, fields: FieldMap) -> str | None:
-    mapped = getattr(fields, canonical)
-    if mapped is not None:
-        return mapped if mapped in row else None
-    return next((name for name in AUTO_FIELDS.get(canonical, ()) if name in row), None)
+def _unknown_fields(fields: FieldMap, seen: set[str]) -> list[str]:
+    """Mapped sources whose first path segment no row had (`seen`: the rows' keys, case-folded)."""
+    missing = []
+    for name, source in fields.sources().items():
+        for path in source.paths if source is not None else ():
+            if path.casefold() not in seen and top_level_name(path).casefold() not in seen:
+                missing.append(f"{path!r} (mapped to {name})")
+    return missing
+
+
+def _whole_file_error(result: ReadResult, first_row: tuple[int, Row] | None) -> DataError:
+    """One error for a file none of whose rows could be read: the layout found and the mapping that fits."""
+    kinds = ", ".join(f"{kind} ×{n}" for kind, n in result.skipped.most_common())
+    message = f"no row could be read as a problem ({len(result.errors)} rows skipped: {kinds})"
+    if first_row is not None:
+        line, row = first_row
+        message += f". Line {line} has {describe_row(row) or 'no fields'}"
+        top = result.skipped.most_common(1)[0][0]
+        if top == "multi-turn conversation":
+            message += f". Read one exchange of each: {FIELDS_FLAG} turn=-1 (the last user turn) or turn=1"
+        elif top == "no question" and (guess := suggest_question(row)) is not None:
+            looked = "/".join((*AUTO_FIELDS["question"], *CHAT_FIELDS))
+            message += f"; none is a question field ({looked}). Map one: {FIELDS_FLAG} question={guess}"
+    quoted = "; ".join(str(e) for e in result.errors[:SHOWN_REJECTS])
+    return DataError(f"{message}. First: {quoted}")
+
+
+def _problem(line: int, pid: str, mapped: Mapped, result: ReadResult) -> Problem:
+    """The Problem of a mapped row, its gold answer found and normalised, and where everything came from."""
+    question, solution, answer = (mapped.values.get(k) for k in ("question", "solution", "answer"))
+    assert question is not None
+    sources = dict(mapped.sources)
+    if solution is None and answer is not None and ("####" in answer or "\n" in answer):
+        # GSM8K and the like: the answer field is the whole worked solution
+        solution, sources["solution"] = answer, f"{sources['answer']} (worked solution)"
+    found = find_gold(answer, solution)
+    meta: dict[str, Any] = {"line": line}
+    gold = None
+    if found is not None:
+        gold = normalize_gold(found.text)
+        sources["gold"] = f"{sources[found.field]} {found.convention}".strip()
+        # The gold as the dataset wrote it ("9 (apples)", "$5"), when that is not the gold itself.
+        written = answer if found.field == "answer" and "\n" not in (answer or "") else found.text
+        if written is not None and written != gold:
+            meta["answer_text"] = written
+    if mapped.system is not None:
+        meta["system"] = mapped.system
+    for name in ("question", "solution", "gold", "system"):
+        if name in sources or name != "system":
+            result.sources.setdefault(name, Counter())[sources.get(name, "none")] += 1
+    return Problem(id=pid, question=question, solution=solution, answer=gold, meta=meta)
 
 
 def read_problems_from_rows(
@@ -233,52 +340,60 @@ def read_problems_from_rows(
     strict: bool = False,
     limit: int | None = None,
 ) -> ReadResult:
-    """Map raw rows to Problems; bad rows become RowErrors (or a DataError when strict)."""
+    """Map raw rows to Problems; bad rows become RowErrors (or a DataError when strict).
+
+    A DataError also when the mapping names a field no row has, or when rows were seen but none could
+    be read (the error names the layout found and the mapping that would fit it).
+    """
     fields = fields or FieldMap()
+    sources = fields.sources()
     result = ReadResult()
     seen_ids: dict[str, int] = {}
-    seen_sources: set[str] = set()
+    seen_keys: set[str] = set()  # case-folded, for the unknown-field check
+    seen_names: set[str] = set()
+    first_row: tuple[int, Row] | None = None
 
-    def reject(line: int, message: str) -> None:
+    def reject(line: int, kind: str, message: str) -> None:
         if strict:
             raise DataError(f"line {line}: {message}")
         result.errors.append(RowError(line, message))
+        result.skipped[kind] += 1
 
     for line, row in rows:
         if limit is not None and len(result.problems) >= limit:
             break
+        result.rows += 1
         if isinstance(row, Exception):
-            reject(line, str(row))
+            reject(line, "unreadable row", str(row))
             continue
-        seen_sources.update(row)
-        values: dict[str, str | None] = {}
-        for canonical in CANONICAL_FIELDS:
-            source = _source_field(row, canonical, fields)
-            text = _to_text(row[source], canonical) if source else None
-            values[canonical] = text.strip() if text is not None and text.strip() else None
-        question = values["question"]
-        if question is None:
-            where = fields.question or "/".join(AUTO_FIELDS["question"])
-            reject(line, f"row has no question (field {where})")
+        first_row = first_row or (line, row)
+        seen_names.update(str(k) for k in row)
+        seen_keys.update(str(k).casefold() for k in row)
+        try:
+            mapped = map_row(row, sources, fields.turn)
+        except RowReject as exc:
+            reject(line, exc.kind, exc.message)
             continue
-        solution, answer = values["solution"], values["answer"]
-        if solution is None and answer is not None and "####" in answer:
-            solution = answer  # GSM8K: the answer field is the whole worked solution
-        pid = values["id"] if fields.id is not None else str(line)
+        if mapped.values.get("question") is None:
+            where = fields.question or "/".join((*AUTO_FIELDS["question"], *CHAT_FIELDS))
+            reject(line, "no question", f"row has no question (field {where})")
+            continue
+        pid = mapped.values.get("id") if fields.id is not None else str(line)
         if pid is None:
-            reject(line, f"row has no id (field {fields.id})")
+            reject(line, "no id", f"row has no id (field {fields.id})")
             continue
         if pid in seen_ids:
-            reject(line, f"duplicate id {pid!r} (first seen on line {seen_ids[pid]})")
+            reject(line, "duplicate id", f"duplicate id {pid!r} (first seen on line {seen_ids[pid]})")
             continue
         seen_ids[pid] = line
-        gold = extract_gold(answer, solution)
-        result.problems.append(Problem(id=pid, question=question, solution=solution, answer=gold, meta={"line": line}))
-    if result.problems or seen_sources:
-        missing = [f"{src!r} (mapped to {name})" for name, src in fields.mapped().items() if src not in seen_sources]
+        result.problems.append(_problem(line, pid, mapped, result))
+    if result.problems or seen_keys:
+        missing = _unknown_fields(fields, seen_keys)
         if missing:
-            available = ", ".join(sorted(seen_sources)) or "none"
+            available = ", ".join(sorted(seen_names)) or "none"
             raise DataError(f"unknown field {', '.join(missing)}: no row has it (fields present: {available})")
+    if not result.problems and result.errors:
+        raise _whole_file_error(result, first_row)
     result.ungradable = sum(p.answer is None for p in result.problems)
     return result
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 GradeMethod = Literal["math_verify", "qwen"]
 
@@ -125,25 +125,34 @@ def _join_answers(parts: Sequence[str]) -> str:
 def extract_gold(answer: str | None, solution: str | None) -> str | None:
     """The gold answer from an answer field (plain, `#### X`, boxed, list-as-text) or else from the solution."""
     found = find_gold(answer, solution)
-    return None if found is None else found[0]
+    return None if found is None else found.text
 
 
-def find_gold(answer: str | None, solution: str | None) -> tuple[str, str] | None:
-    """The gold answer and where it was found (e.g. "answer", "solution \\boxed{}"), or None."""
+class Gold(NamedTuple):
+    """A gold answer, the field it was found in (`answer` or `solution`) and the convention that marked it."""
+
+    text: str
+    field: str
+    convention: str  # "", "list", "\\boxed{}", "####" or "answer phrase"
+
+
+def find_gold(answer: str | None, solution: str | None) -> Gold | None:
+    """The gold answer with where it was found, or None; see `extract_gold`."""
     if answer is not None and answer.strip():
         items = _list_text(answer)
         if items is not None:
             joined = _join_answers(items)
-            return (joined, "answer list") if joined else None
+            return Gold(joined, "answer", "list") if joined else None
         if "\n" in answer.strip() or "####" in answer:  # a worked solution in the answer field (GSM8K…)
             found = _gold_in_solution(answer)
-            return None if found is None else (found[0], f"answer {found[1]}")
+            return None if found is None else Gold(found[0], "answer", found[1])
         boxes = _boxed_contents(answer)
         if boxes:
-            return (boxes[-1], "answer \\boxed{}") if boxes[-1] else None
+            return Gold(boxes[-1], "answer", "\\boxed{}") if boxes[-1] else None
         plain = _strip_dollars(answer)
-        return (plain, "answer") if plain else None
-    return _gold_in_solution(solution) if solution else None
+        return Gold(plain, "answer", "") if plain else None
+    found = _gold_in_solution(solution) if solution else None
+    return None if found is None else Gold(found[0], "solution", found[1])
 
 
 def _gold_in_solution(solution: str) -> tuple[str, str] | None:
