@@ -8,7 +8,7 @@ export MINDGAP_CACHE ?= $(HOME)/.cache/mindgap
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup model demo test lint fmt clean
+.PHONY: setup model demo test lint fmt clean check-gpu
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: model
 
 test: model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The smoke test of a fresh (GPU) machine: versions, devices, a tiny rewrite/score/reload/train loop.
+check-gpu: model
+	$(BIN)/mindgap doctor
 
 lint: setup
 	$(BIN)/ruff check .
