@@ -3,6 +3,11 @@
 `render_prompt_ids` is the one place a chat prompt becomes token ids: the engine samples and scores on
 it and the trainer trains on it, so both see exactly the same tokens. It neutralises special-token text
 inside message contents first, so dataset text can never close the user turn or open a system turn.
+
+`turn_end_ids` reads the token that closes an assistant turn from the chat template. The engine stops
+sampling on it and `completion_token_ids` closes expert responses with it, so every record of one model
+ends the same way even where the tokenizer's EOS is another token (Qwen2.5: EOS `<|endoftext|>`, turns
+end with `<|im_end|>`; Llama 3: `<|end_of_text|>` and `<|eot_id|>`).
 """
 
 from __future__ import annotations
@@ -151,3 +156,38 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[i
             raise ValueError(f"chat template returned {len(ids)} sequences for one conversation")
         ids = ids[0]
     return [int(i) for i in ids]
+
+
+# Assistant text for reading the template's turn ending: plain words every template keeps verbatim.
+_TURN_PROBE = "mindgap turn probe"
+
+
+def turn_end_ids(tokenizer: Any) -> list[int]:
+    """The token that closes an assistant turn in the tokenizer's chat template, as a one-token list.
+
+    The template renders a user turn and an assistant turn of known text; the first special token written
+    after that text closes the turn (ChatML `<|im_end|>`, Llama 3 `<|eot_id|>`; whitespace written before
+    the next turn is not part of the response). A template that writes no special token there, or does not
+    keep the text, falls back to the EOS token.
+    """
+    messages = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": _TURN_PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    at = text.rfind(_TURN_PROBE) if isinstance(text, str) else -1
+    if at >= 0:
+        tail = text[at + len(_TURN_PROBE) :]
+        found = [(tail.find(t), -len(t), t) for t in special_token_strings(tokenizer) if t in tail]
+        if found:
+            token = min(found)[2]
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                return [token_id]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-turn token in its chat template and no EOS token")
+    return [int(tokenizer.eos_token_id)]
+
+
+def completion_token_ids(tokenizer: Any, text: str, turn_end: Sequence[int]) -> list[int]:
+    """Token ids of an assistant response written by someone else (expert), closed by `turn_end`."""
+    # split_special_tokens: a literal "<|im_end|>" in the data stays text, as in the prompt.
+    ids: list[int] = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [*ids, *turn_end]

@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.support.paths",
     "tests.support.redis",
     "tests.support.models",
+    "tests.support.tokenizers",
     "tests.support.service",
 ]
