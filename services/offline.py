@@ -35,7 +35,11 @@ class RewriteConfig(MindgapSettings):
 
     input: Path
     output: Path
-    fields: list[str] = Field(default_factory=list, description="field mapping specs such as question=problem")
+    fields: list[str] = Field(
+        default_factory=list,
+        description="field mapping specs: question=problem, 'question={Body} {Question}', answer=meta.final, turn=-1",
+    )
+    split: str | None = Field(None, description="split of an HF datasets folder or hub dataset")
     limit: int | None = Field(None, ge=1)
     shuffle: bool = False
     seed: int = 0
