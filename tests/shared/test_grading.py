@@ -22,6 +22,7 @@ from shared.grading import (
     states_final_answer,
     strip_string,
 )
+from tests.support.grading import flaky_judge
 
 # (gold as the benchmarks write it, the model's final answer, equal?) — styles from math500, minerva_math,
 # olympiadbench, aime24, amc23 and gsm8k.
@@ -292,18 +293,8 @@ def test_grade_response_without_answer_is_false() -> None:
 # ---------------------------------------------------------------------------------- timeouts, crashes
 
 
-def _flaky_judge(response: str, gold: str, method: GradeMethod, timeout_seconds: int) -> bool:
-    """A judge for pool tests: hangs beyond any alarm on HANG, kills its worker on CRASH."""
-    if response == "HANG":
-        while True:  # a busy loop in C would ignore signal.alarm too; sleep stands in for it
-            time.sleep(60)
-    if response == "CRASH":
-        os._exit(3)
-    return grade_response(response, gold, method, timeout_seconds)
-
-
 async def test_hung_item_times_out_and_pool_recovers() -> None:
-    with Grader(workers=2, timeout=2.0, grade_fn=_flaky_judge) as g:
+    with Grader(workers=2, timeout=2.0, grade_fn=flaky_judge) as g:
         items = [("\\boxed{5}", "5"), ("HANG", "5"), ("\\boxed{6}", "5"), ("\\boxed{7}", "7")]
         start = time.monotonic()
         assert await g.grade_batch(items) == [True, False, False, True]
@@ -314,14 +305,14 @@ async def test_hung_item_times_out_and_pool_recovers() -> None:
 
 
 async def test_crashing_item_grades_false_and_others_survive() -> None:
-    with Grader(workers=2, timeout=10.0, grade_fn=_flaky_judge) as g:
+    with Grader(workers=2, timeout=10.0, grade_fn=flaky_judge) as g:
         items = [("\\boxed{1}", "1"), ("CRASH", "1"), ("\\boxed{2}", "2"), ("\\boxed{3}", "4")]
         assert await g.grade_batch(items) == [True, False, True, False]
         assert await g.grade_batch([("\\boxed{9}", "9")]) == [True]
 
 
 async def test_cancelled_batch_does_not_leave_a_hung_worker() -> None:
-    g = Grader(workers=1, timeout=60.0, grade_fn=_flaky_judge)
+    g = Grader(workers=1, timeout=60.0, grade_fn=flaky_judge)
     task = asyncio.create_task(g.grade_batch([("HANG", "1")]))
     await asyncio.sleep(1.0)
     task.cancel()
@@ -380,7 +371,6 @@ if __name__ == "__main__":
 
 def test_workers_exit_when_the_grading_process_is_killed(tmp_path) -> None:
     """A SIGKILLed service must not leave grader workers (and through them the forkserver) behind."""
-    import os
     import subprocess
     import sys
     import time

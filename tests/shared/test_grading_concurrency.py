@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from shared.grading import Grader
-from tests.shared.test_grading import _flaky_judge
+from tests.support.grading import flaky_judge
 
 
 async def _concurrently(g: Grader) -> list[list[bool]]:
@@ -29,7 +29,7 @@ def test_concurrent_calls_from_successive_event_loops() -> None:
 async def test_a_hung_item_does_not_spoil_a_concurrent_batch() -> None:
     # The hung item's batch kills and restarts the pool; the other batch waits its turn instead of
     # losing its in-flight items with the killed workers.
-    with Grader(workers=2, timeout=2.0, grade_fn=_flaky_judge) as g:
+    with Grader(workers=2, timeout=2.0, grade_fn=flaky_judge) as g:
         start = time.monotonic()
         hung, other = await asyncio.gather(
             g.grade_batch([("HANG", "1"), ("\\boxed{1}", "1")]),
