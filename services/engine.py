@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -30,7 +31,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class Sample:
-    """One sampled response: text, the engine's token ids (EOS included when it ended) and their log-probs.
+    """One sampled response: text, the engine's token ids (the stop token included when it ended) and log-probs.
 
     `logprobs[t]` is the log-probability of `token_ids[t]` under the sampling distribution (after
     temperature/top-p: vLLM's processed log-probs).
@@ -53,6 +54,24 @@ class EngineStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class SampleStream(Protocol):
+    """The samples of one request, each yielded as soon as it finishes (so not in index order).
+
+    Iterating ends when every sample has been yielded. `abort` stops the ones still running, so a caller
+    that has what it needs does not wait for (or pay for) the rest.
+    """
+
+    def __aiter__(self) -> AsyncIterator[Sample]: ...
+
+    async def abort(self) -> list[Sample]:
+        """Stop the running samples; every sample not yet yielded, the running ones cut where they stood.
+
+        Those cut have `finish_reason == "abort"` and the tokens generated before the abort, so a caller
+        can count what was spent on them.
+        """
+        ...
+
+
 class Engine(Protocol):
     """What mindgap needs from an inference engine."""
 
@@ -63,7 +82,11 @@ class Engine(Protocol):
         ...
 
     def encode_completion(self, text: str) -> list[int]:
-        """Token ids of an assistant response written by someone else (expert), ending with EOS."""
+        """Token ids of an assistant response written by someone else (expert), ending like a sampled one.
+
+        That is, with the token that closes an assistant turn in the chat template, which sampling stops on
+        (`shared.prompts.turn_end_ids`; the EOS token only where the template writes none).
+        """
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -72,6 +95,14 @@ class Engine(Protocol):
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig) -> list[Sample]:
         """Sample `params.n` responses to one prompt."""
+        ...
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingConfig) -> AbstractAsyncContextManager[SampleStream]:
+        """Sample `params.n` responses to one prompt, yielded as each finishes; leaving the context aborts the rest.
+
+        Use as `async with engine.stream(ids, params) as samples: async for s in samples: ...`. A request
+        the engine refuses raises `RequestRejected` from the iteration.
+        """
         ...
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:

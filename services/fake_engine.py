@@ -1,6 +1,6 @@
 """A deterministic stand-in for the vLLM engine: byte-level tokenizer, scripted responses, fake log-probs.
 
-Used by unit tests and by test processes started with `--engine fake`. It implements the `Engine`
+Used by unit tests and by test processes started with `--backend fake`. It implements the `Engine`
 Protocol exactly (EOS at the end of finished responses, truncation at `max_tokens`, log-prob lists
 aligned with token ids) and records every call, so tests can assert how the pipeline batches its work.
 
@@ -9,6 +9,10 @@ with `(a + b) % 3 == 0` is always answered wrongly, `== 1` wrongly then correctl
 always correctly; on a guided prompt (one that contains the correct result besides the question) it
 answers correctly in its own words. Prompts without an expression get an answerless reply, or the
 `#### n` / `\\boxed{n}` answer of the guidance when there is one.
+
+Given a Hugging Face `tokenizer`, the fake tokenizes like the real engine instead: prompts through the
+chat template, responses (sampled and expert alike) closed by the template's end-of-turn token
+(`shared.prompts.turn_end_ids`), so tests can check how records of a model family end.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import asyncio
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from services.engine import EngineStats, RequestRejected, Sample, SamplingConfig
+from services.engine import EngineStats, RequestRejected, Sample, SampleStream, SamplingConfig
 from shared.config import EngineConfig
+from shared.prompts import completion_token_ids, render_prompt_ids, turn_end_ids
 from shared.schema import ChatMessage
 
 EOS_ID = 256  # ids 0..255 are bytes
@@ -82,9 +89,15 @@ class FakeEngine:
     """Deterministic Engine for tests: byte tokens, scripted responses, log-probs as functions of tokens."""
 
     def __init__(
-        self, script: Script = arithmetic_script, delay: float = 0.0, max_model_len: int | None = None
+        self,
+        script: Script = arithmetic_script,
+        delay: float = 0.0,
+        max_model_len: int | None = None,
+        tokenizer: Any = None,
     ) -> None:
         self.script = script
+        self.tokenizer = tokenizer  # None: byte tokens, EOS_ID closes a response
+        self.turn_end = [EOS_ID] if tokenizer is None else turn_end_ids(tokenizer)
         self.delay = delay
         self.max_model_len = max_model_len  # longer requests are refused, as vLLM refuses them
         self.stats = EngineStats()
@@ -102,16 +115,23 @@ class FakeEngine:
 
     # tokenizer -------------------------------------------------------------------------------------
     def render_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Byte ids of a simple chat rendering, ending with the assistant header."""
+        """Byte ids of a simple chat rendering, ending with the assistant header (or the tokenizer's template)."""
+        if self.tokenizer is not None:
+            return render_prompt_ids(self.tokenizer, messages)
         text = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages) + "<|assistant|>\n"
         return list(text.encode())
 
     def encode_completion(self, text: str) -> list[int]:
-        """Byte ids of `text` followed by EOS."""
+        """Byte ids of `text` and EOS (with a tokenizer: its ids and turn terminator), as sampling yields too."""
+        if self.tokenizer is not None:
+            return completion_token_ids(self.tokenizer, text, self.turn_end)
         return [*text.encode(), EOS_ID]
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of the byte ids, EOS skipped."""
+        """Text of the byte ids, EOS skipped (or the tokenizer's decoding, special tokens skipped)."""
+        if self.tokenizer is not None:
+            text: str = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+            return text
         return bytes(t for t in token_ids if t < EOS_ID).decode(errors="replace")
 
     # inference -------------------------------------------------------------------------------------
@@ -125,18 +145,31 @@ class FakeEngine:
         prompt = self.decode(prompt_ids)
         self._check_length(len(prompt_ids) + 1)
         async with self._call("generate", prompt, params.n):
-            first = self._drawn[prompt]
-            self._drawn[prompt] += params.n
-            samples = []
-            for i in range(first, first + params.n):
-                ids = self.encode_completion(self.script(prompt, i + self.version))
-                finish = "stop"
-                if len(ids) > params.max_tokens:  # cut before EOS, as a real engine would
-                    ids, finish = ids[: params.max_tokens], "length"
-                logprobs = [self.token_logprob(prompt_ids, t, pos) / params.temperature for pos, t in enumerate(ids)]
-                samples.append(Sample(self.decode(ids), ids, logprobs, finish))
-                self.stats.generated_tokens += len(ids)
+            samples = self._draw(prompt_ids, prompt, params)
+            self.stats.generated_tokens += sum(len(s.token_ids) for s in samples)
             return samples
+
+    @asynccontextmanager
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingConfig) -> AsyncIterator[SampleStream]:
+        """The samples `generate` would return, shortest first, as a real engine finishes them (see `FakeStream`)."""
+        prompt = self.decode(prompt_ids)
+        self._check_length(len(prompt_ids) + 1)
+        async with self._call("generate", prompt, params.n, wait=False):
+            yield FakeStream(self, self._draw(prompt_ids, prompt, params))
+
+    def _draw(self, prompt_ids: Sequence[int], prompt: str, params: SamplingConfig) -> list[Sample]:
+        """The next `params.n` scripted samples of `prompt`, cut at `max_tokens`."""
+        first = self._drawn[prompt]
+        self._drawn[prompt] += params.n
+        samples = []
+        for i in range(first, first + params.n):
+            ids = self.encode_completion(self.script(prompt, i + self.version))
+            finish = "stop"
+            if len(ids) > params.max_tokens:  # cut before the terminator, as a real engine would
+                ids, finish = ids[: params.max_tokens], "length"
+            logprobs = [self.token_logprob(prompt_ids, t, pos) / params.temperature for pos, t in enumerate(ids)]
+            samples.append(Sample(self.decode(ids), ids, logprobs, finish))
+        return samples
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Temperature-1 log-probs of `completion_ids` after `prompt_ids`."""
@@ -159,19 +192,65 @@ class FakeEngine:
         if self.max_model_len is not None and tokens > self.max_model_len:
             raise RequestRejected(f"{tokens} tokens exceed the maximum context length {self.max_model_len}")
 
-    def _call(self, kind: str, prompt: str, n: int) -> _InFlight:
+    def _call(self, kind: str, prompt: str, n: int, wait: bool = True) -> _InFlight:
         if self.closed:
             raise RuntimeError("engine is shut down")
         self.calls.append(FakeCall(kind, prompt, n, time.monotonic()))
-        return _InFlight(self, kind)
+        return _InFlight(self, kind, wait)
+
+
+class FakeStream:
+    """One streamed request of the fake: its samples in the order a real engine would finish them.
+
+    Every running sample gains one token per engine step, so the shortest finishes first (ties in index
+    order), and when a sample of `L` tokens finishes every sample still running holds its first `L`
+    tokens: `abort` cuts them there. The engine only steps while the consumer waits for the next sample,
+    which makes the cut points exact whatever the consumer does in between (grading). A request run to
+    its end takes the engine's `delay`, spread over its steps.
+    """
+
+    def __init__(self, engine: FakeEngine, samples: list[Sample]) -> None:
+        self._engine = engine
+        self._samples = samples
+        self._order = sorted(range(len(samples)), key=lambda i: (len(samples[i].token_ids), i))
+        self._next = 0  # position in `_order` of the next sample to yield
+        self._steps = 0  # engine steps run so far = tokens held by every running sample
+        self._longest = max((len(s.token_ids) for s in samples), default=1)
+
+    def __aiter__(self) -> AsyncIterator[Sample]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Sample]:
+        while self._next < len(self._order):
+            sample = self._samples[self._order[self._next]]
+            self._next += 1
+            steps = len(sample.token_ids)
+            if self._engine.delay and steps > self._steps:
+                await asyncio.sleep(self._engine.delay * (steps - self._steps) / self._longest)
+            self._steps = max(self._steps, steps)
+            self._engine.stats.generated_tokens += steps
+            yield sample
+
+    async def abort(self) -> list[Sample]:
+        """The samples not yet yielded; those still running cut at the current step, finish reason "abort"."""
+        rest = [self._samples[i] for i in self._order[self._next :]]
+        self._next = len(self._order)
+        cut = [s if len(s.token_ids) <= self._steps else self._cut(s) for s in rest]
+        self._engine.stats.generated_tokens += sum(len(s.token_ids) for s in cut)
+        return cut
+
+    def _cut(self, sample: Sample) -> Sample:
+        ids = sample.token_ids[: self._steps]
+        return Sample(self._engine.decode(ids), ids, sample.logprobs[: self._steps], "abort")
 
 
 class _InFlight:
-    """Tracks concurrent calls and applies the configured delay."""
+    """Tracks concurrent calls and applies the configured delay (unless the call spreads it itself)."""
 
-    def __init__(self, engine: FakeEngine, kind: str) -> None:
+    def __init__(self, engine: FakeEngine, kind: str, wait: bool = True) -> None:
         self.engine = engine
         self.kind = kind
+        self.wait = wait
         self.start = 0.0
 
     async def __aenter__(self) -> None:
@@ -181,7 +260,7 @@ class _InFlight:
         self.start = time.monotonic()
         if self.kind == "generate":
             e.stats.generate_calls += 1
-        if e.delay:
+        if e.delay and self.wait:
             await asyncio.sleep(e.delay)
 
     async def __aexit__(self, *exc: object) -> None:

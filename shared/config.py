@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +25,7 @@ from pydantic_settings import (
 log = logging.getLogger("mindgap.config")
 
 GuidanceMode = Literal["solution", "answer", "hint"]
+ExpertFormat = Literal["raw", "boxed"]
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*)://[^@/\s]*@", re.IGNORECASE)
 
@@ -49,6 +52,11 @@ class StageParams(BaseModel):
         2, ge=1, description="sampling rounds per stage: later rounds only for problems still short of `keep`"
     )
     expert_fallback: bool = Field(True, description="fall back to the expert demonstration when unsolved")
+    expert_format: ExpertFormat = Field(
+        "raw",
+        description="expert demonstrations as written (raw) or in the solve prompt's convention (boxed: GSM8K"
+        " calculator notes <<…>> removed, a final `#### X` written as \\boxed{X}, a bare answer boxed)",
+    )
     score: bool = Field(
         False,
         description="score every kept response on the training prompt (the records' target_logprobs); costs"
@@ -81,15 +89,79 @@ def _is_secret_name(name: str) -> bool:
     )
 
 
+ENV_PREFIX = "MINDGAP_"
+
+
+def warn_deprecated(old: str, new: str, where: str = "") -> None:
+    """Log (on stderr even before logging is set up) that the setting `old` is deprecated in favour of `new`."""
+    log.warning("%s%s is deprecated and will be removed in the next release: use %s", where, old, new)
+
+
+class _RenamedKeys(PydanticBaseSettingsSource):
+    """Another source's values with deprecated keys moved to their new names (each with a warning)."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource, renames: dict[str, str], where: str
+    ) -> None:
+        super().__init__(settings_cls)
+        self.inner, self.renames, self.where = inner, renames, where
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        super()._set_current_state(state)
+        self.inner._set_current_state(state)
+
+    def _set_settings_sources_data(self, states: dict[str, dict[str, Any]]) -> None:
+        super()._set_settings_sources_data(states)
+        self.inner._set_settings_sources_data(states)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.inner.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = dict(self.inner())
+        for old, new in self.renames.items():
+            if old in data:
+                warn_deprecated(repr(old), repr(new), self.where)
+                value = data.pop(old)
+                data.setdefault(new, value)
+        return data
+
+
+class _DeprecatedEnv(PydanticBaseSettingsSource):
+    """`MINDGAP_<OLD>` environment variables of deprecated keys, read as their new keys (with a warning)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], renames: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.renames = renames
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        env = {name.upper(): value for name, value in os.environ.items()}
+        data: dict[str, Any] = {}
+        for old, new in self.renames.items():
+            name = f"{ENV_PREFIX}{old.upper()}"
+            if name in env:
+                warn_deprecated(name, f"{ENV_PREFIX}{new.upper()}")
+                data[new] = env[name]
+        return data
+
+
 class MindgapSettings(BaseSettings):
-    """Base of every process config: TOML + env + CLI, unknown keys rejected."""
+    """Base of every process config: TOML + env + CLI, unknown keys rejected.
+
+    `deprecated_keys` (old key → new key) keeps an old name working for one release with a warning:
+    as a keyword, a TOML key and a `MINDGAP_<OLD>` variable (the new name wins where both are set).
+    """
 
     model_config = SettingsConfigDict(
-        env_prefix="MINDGAP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
     # set per load() call so the TOML source knows which file to read
     _toml_file: ClassVar[Path | None] = None
+    deprecated_keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -100,9 +172,17 @@ class MindgapSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        renames = cls.deprecated_keys
+        toml = None if cls._toml_file is None else TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file)
+        if not renames:
+            return (init_settings, env_settings) if toml is None else (init_settings, env_settings, toml)
+        sources: list[PydanticBaseSettingsSource] = [
+            _RenamedKeys(settings_cls, init_settings, renames, ""),
+            env_settings,
+            _DeprecatedEnv(settings_cls, renames),
+        ]
+        if toml is not None:
+            sources.append(_RenamedKeys(settings_cls, toml, renames, f"{cls._toml_file}: "))
         return tuple(sources)
 
     @classmethod

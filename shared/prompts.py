@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shared.config import GuidanceMode
+from shared.config import ExpertFormat, GuidanceMode
 from shared.schema import ChatMessage
 
 SOLVE_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -91,6 +91,31 @@ def guided_messages(
         raise ValueError("guided prompt needs a reference solution or a gold answer")
     content = f"Problem:\n{question.strip()}\n\n{guidance}\n\n" + GUIDED_INSTRUCTION.format(what=what)
     return [ChatMessage(role="user", content=content)]
+
+
+_CALCULATOR_NOTE = re.compile(r"<<[^<>\n]*>>")  # GSM8K: "48/2 = <<48/2=24>>24"
+_FINAL_HASHES = re.compile(r"^[ \t]*####[ \t]*(\S(?:.*\S)?)[ \t]*\Z", re.MULTILINE)  # a last line "#### X"
+
+
+def expert_text(solution: str | None, answer: str | None, gold: str | None, fmt: ExpertFormat) -> str | None:
+    """The expert demonstration: the solution, else the answer text; None when the row has neither.
+
+    `raw` keeps it as written. `boxed` writes it in the solve prompt's convention: GSM8K calculator notes
+    are removed and a final `#### X` becomes `\\boxed{X}`; an answer-only row becomes `\\boxed{gold}`. A
+    solution that states its answer some other way is left as written.
+    """
+    text = solution or answer
+    if not text:
+        return None
+    if fmt == "raw":
+        return text
+    text = _CALCULATOR_NOTE.sub("", text)
+    final = _FINAL_HASHES.search(text)
+    if final:
+        return text[: final.start()] + f"\\boxed{{{final.group(1)}}}"
+    if not solution and gold is not None and "\\boxed" not in text:
+        return f"\\boxed{{{gold}}}"
+    return text
 
 
 def _words(text: str) -> list[str]:

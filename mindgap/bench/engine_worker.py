@@ -47,7 +47,7 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
 
     from shared.config import StageParams
     from shared.grading import extract_gold
-    from shared.prompts import guided_messages, render_prompt_ids, solve_messages
+    from shared.prompts import completion_token_ids, guided_messages, render_prompt_ids, solve_messages, turn_end_ids
     from shared.schema import Problem
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["kv_cache_gib"])
@@ -78,20 +78,21 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
     ]
 
     # What the pipeline scores when nothing is solved: each problem's expert completion on its plain prompt.
-    eos = tokenizer.eos_token_id
+    turn_end = turn_end_ids(tokenizer)
     scored = [
-        [
-            *ids,
-            *tokenizer(p.solution or p.answer or "", add_special_tokens=False, split_special_tokens=True)["input_ids"],
-            eos,
-        ]
+        [*ids, *completion_token_ids(tokenizer, p.solution or p.answer or "", turn_end)]
         for ids, (p, _) in zip(plain, gradable, strict=True)
     ]
 
     def sampling(n: int) -> SamplingParams:
         # logprobs=0: the service asks for the sampled tokens' log-probs too
         return SamplingParams(
-            n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens, logprobs=0
+            n=n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            logprobs=0,
+            stop_token_ids=turn_end,  # as the service's engine stops
         )
 
     def one_pass() -> tuple[int, float, float]:

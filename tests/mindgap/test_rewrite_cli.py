@@ -12,12 +12,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.offline import AtomicRecordWriter, RewriteConfig
 from mindgap.cli import _register, app
+from services.fake_engine import EOS_ID, FakeEngine
+from services.offline import AtomicRecordWriter, RewriteConfig
 from shared.dataio import read_examples
 from shared.schema import Example, Stage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ROWS = [
     '{"question": "What is 1+1?", "answer": "2"}',  # line 1: solved on the plain prompt
@@ -40,7 +41,7 @@ def invoke(*args: str | Path):
     _register()
     # Typer runs a lone command without its name; with the other areas registered it is a group.
     name = ["rewrite"] if isinstance(typer.main.get_command(app), typer.core.TyperGroup) else []
-    return CliRunner().invoke(app, [*name, *map(str, args), "--engine", "fake"])
+    return CliRunner().invoke(app, [*name, *map(str, args), "--backend", "fake"])
 
 
 def records(path: Path) -> list[Example]:
@@ -83,7 +84,7 @@ def test_limit_and_field_mapping(tmp_path: Path) -> None:
     )
     out = tmp_path / "out.jsonl"
     result = invoke(
-        src, "-o", out, "--field", "question=problem", "--field", "answer=final", "--field", "id=key", "--limit", "3"
+        src, "-o", out, "--fields", "question=problem", "--fields", "answer=final", "--fields", "id=key", "--limit", "3"
     )
     assert result.exit_code == 0, result.output
     assert sorted({e.problem_id for e in records(out)}) == ["k0", "k1", "k2"]
@@ -111,9 +112,10 @@ def test_strict_makes_a_bad_row_fatal(data: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--field", "question=nope"], "unknown field 'nope'"),
-        (["--field", "nonsense"], "bad field mapping"),
+        (["--fields", "question=nope"], "unknown field 'nope'"),
+        (["--fields", "nonsense"], "bad field mapping"),
         (["--guidance", "telepathy"], "invalid configuration: stages.guidance"),
+        (["--expert-format", "latex"], "invalid configuration: stages.expert_format"),
         (["--k", "-1"], "invalid configuration: stages.k"),
         (["--config", "missing.toml"], "config file not found"),
     ],
@@ -179,8 +181,29 @@ def test_config_file_env_and_flags_merge(tmp_path: Path, monkeypatch: pytest.Mon
 def test_console_script_in_a_subprocess(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "mindgap", "rewrite", str(data), "-o", str(out), "--engine", "fake"]
+    cmd = [sys.executable, "-m", "mindgap", "rewrite", str(data), "-o", str(out), "--backend", "fake"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "resolved config RewriteConfig" in proc.stderr and "warning" in proc.stderr
     assert "examples" in proc.stdout and len(records(out)) == 4
+
+
+GSM8K_ROW = '{"question": "How many clips did Natalia sell?", "answer": "She sold 48/2 = <<48/2=24>>24.\\n#### 24"}'
+
+
+@pytest.mark.parametrize(
+    ("flags", "completion"),
+    [
+        ([], "She sold 48/2 = <<48/2=24>>24.\n#### 24"),
+        (["--expert-format", "boxed"], "She sold 48/2 = 24.\n\\boxed{24}"),
+    ],
+)
+def test_expert_format(tmp_path: Path, flags: list[str], completion: str) -> None:
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text(GSM8K_ROW + "\n")
+    result = invoke(data, "-o", out, "--k", "0", "--resolve-attempts", "0", *flags)
+    assert result.exit_code == 0, result.output
+    (ex,) = records(out)
+    assert ex.stage is Stage.EXPERT and ex.response == completion and ex.answer == "24"
+    assert ex.completion_token_ids == FakeEngine().encode_completion(completion)
+    assert ex.completion_token_ids[-1] == EOS_ID  # the fake's end of turn, as a sampled response's

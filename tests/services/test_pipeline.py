@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 from rich.console import Console
 
-from services.engine import SamplingConfig
+from services.engine import SampleStream, SamplingConfig
 from services.fake_engine import EOS_ID, FakeEngine, Script, scripted
 from services.pipeline import ProblemOutcome, Summary, rewrite_batch, round_sizes
 from shared.config import StageParams
@@ -64,12 +65,14 @@ async def test_solved_in_stage_one(grader: Grader) -> None:
 
 
 async def test_keep_honoured_and_identical_texts_deduplicated(grader: Grader) -> None:
-    responses = ["First: \\boxed{5}", "First: \\boxed{5}", "Second: \\boxed{5}", "Third: \\boxed{5}"]
+    responses = ["One: \\boxed{5}", "One: \\boxed{5}", "Two: \\boxed{5}", "Three: \\boxed{5}"]
     engine = FakeEngine(scripted({QUESTION: responses}))
     (out,) = await run(engine, grader, [problem()], k=4, keep=2)
-    assert out.self_correct == 4
-    assert [e.response for e in out.examples] == ["First: \\boxed{5}", "Second: \\boxed{5}"]
+    assert [e.response for e in out.examples] == ["One: \\boxed{5}", "Two: \\boxed{5}"]
     assert len({e.id for e in out.examples}) == 2
+    # the second keeper ends the round: the longest sample is aborted where it stood, ungraded
+    assert out.self_correct == 3 and out.self_attempts == 3 and out.aborted == 1
+    assert out.generated_tokens == 4 * len(engine.encode_completion(responses[0]))
 
 
 async def test_early_stop_skips_later_rounds_for_solved_problems(grader: Grader) -> None:
@@ -79,7 +82,8 @@ async def test_early_stop_skips_later_rounds_for_solved_problems(grader: Grader)
     easy_out, hard_out = await run(engine, grader, problems, k=4, rounds=2, resolve_attempts=0)
     assert generate_calls(engine, easy) == [2]  # solved in round 1: no round 2
     assert generate_calls(engine, hard) == [2, 2]
-    assert easy_out.self_attempts == 2 and hard_out.self_attempts == 4
+    assert easy_out.self_attempts == 1 and easy_out.aborted == 1  # its first sample was a keeper
+    assert hard_out.self_attempts == 4 and hard_out.aborted == 0
     assert hard_out.stage is Stage.EXPERT
 
 
@@ -88,9 +92,9 @@ async def test_solved_in_stage_two_with_guidance_kept_out_of_the_prompt(grader: 
         scripted({"Reference solution": ["Adding two and three gives \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
     )
     (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=2)
-    assert out.stage is Stage.GUIDED and out.self_correct == 0 and out.guided_correct == 2
+    assert out.stage is Stage.GUIDED and out.self_correct == 0 and out.guided_correct == 1 and out.aborted == 1
     (ex,) = out.examples
-    assert ex.grade == "correct" and ex.meta["guidance"] == "solution" and ex.meta["guided_attempts"] == 2
+    assert ex.grade == "correct" and ex.meta["guidance"] == "solution" and ex.meta["guided_attempts"] == 1
     assert ex.prompt == solve_messages(QUESTION)
     assert "Reference" not in ex.prompt[0].content
     # behaviour was sampled on the guided prompt, target is scored on the plain one: they differ.
@@ -106,7 +110,7 @@ async def test_guided_answer_mode_and_missing_solution_fall_back_to_answer(grade
 
 async def test_leaking_guided_response_is_rejected(grader: Grader) -> None:
     leaky = "As the reference solution says, the sum is \\boxed{5}."
-    clean = "Counting up from two by three gives \\boxed{5}."
+    clean = "Counting up from two by three, one step at a time, gives \\boxed{5}."  # finishes after the leak
     engine = FakeEngine(scripted({"Reference solution": [leaky, clean], QUESTION: ["\\boxed{6}"]}))
     (out,) = await run(engine, grader, [problem()], resolve_attempts=2)
     assert out.leaks_rejected == 1 and out.guided_correct == 2
@@ -187,7 +191,7 @@ async def test_default_script_reaches_each_stage(grader: Grader) -> None:
     ]
     outs = await run(engine, grader, problems, k=2, rounds=1)
     assert [o.stage for o in outs] == [Stage.SELF, Stage.SELF, Stage.GUIDED]
-    assert [o.self_correct for o in outs] == [2, 1, 0]
+    assert [o.self_correct for o in outs] == [1, 1, 0]  # "always" stops at its first keeper
 
 
 async def test_reload_changes_outputs(grader: Grader, tmp_path) -> None:
@@ -265,7 +269,7 @@ async def test_requests_too_long_for_the_context_fail_only_their_stage(grader: G
 
 
 class GatedEngine(FakeEngine):
-    """A fake whose generate calls for prompts containing `slow` wait until `gate` opens; logs finished calls."""
+    """A fake whose sampling requests for prompts containing `slow` wait until `gate` opens; logs finished ones."""
 
     def __init__(self, script: Script, slow: str) -> None:
         super().__init__(script)
@@ -277,7 +281,8 @@ class GatedEngine(FakeEngine):
     def _name(self, prompt: str) -> str:
         return "slow" if self.slow in prompt else "fast"
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig):
+    @asynccontextmanager
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingConfig) -> AsyncIterator[SampleStream]:
         prompt = self.decode(prompt_ids)
         if self.slow in prompt:
             try:
@@ -285,10 +290,10 @@ class GatedEngine(FakeEngine):
             except asyncio.CancelledError:
                 self.cancelled_waits += 1
                 raise
-        samples = await super().generate(prompt_ids, params)
+        async with super().stream(prompt_ids, params) as samples:
+            yield samples
         stage = "guided" if "Reference solution" in prompt else "self"
         self.log.append(f"{stage} {self._name(prompt)}")
-        return samples
 
     async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         scores = await super().score(prompt_ids, completion_ids)
@@ -325,15 +330,53 @@ async def test_no_barrier_between_problems(grader: Grader) -> None:
 
 async def test_a_failing_problem_cancels_the_rest_of_its_batch(grader: Grader) -> None:
     class Broken(GatedEngine):
-        async def generate(self, prompt_ids: Sequence[int], params: SamplingConfig):
+        def stream(
+            self, prompt_ids: Sequence[int], params: SamplingConfig
+        ) -> AbstractAsyncContextManager[SampleStream]:
             if self.slow not in self.decode(prompt_ids):
                 raise RuntimeError("engine died")
-            return await super().generate(prompt_ids, params)
+            return super().stream(prompt_ids, params)
 
     engine = Broken(scripted({}), slow=SLOW)
     with pytest.raises(RuntimeError, match="engine died"):  # the error itself, not an exception group
         await asyncio.wait_for(run(engine, grader, [problem("slow", SLOW, None, "2"), problem("fast")]), 20)
     assert engine.cancelled_waits == 1  # the slow problem's request was abandoned, not left running
+
+
+async def test_first_keeper_aborts_the_rest_of_its_round(grader: Grader) -> None:
+    quick, slow = "So \\boxed{5}.", "Let me think about this for a long while first. " * 3 + "\\boxed{5}."
+    engine = FakeEngine(scripted({QUESTION: [slow, slow, quick, slow]}))
+    (out,) = await run(engine, grader, [problem()], k=4, rounds=1)
+    assert out.stage is Stage.SELF and [e.response for e in out.examples] == [quick]
+    assert out.self_attempts == 1 and out.self_correct == 1 and out.aborted == 3
+    # the three cut samples held as many tokens as the keeper when they were stopped, and they count
+    assert out.generated_tokens == 4 * len(engine.encode_completion(quick))
+    assert engine.stats.generated_tokens == out.generated_tokens
+
+
+async def test_guided_round_stops_at_its_first_keeper(grader: Grader) -> None:
+    wrong = "\\boxed{6}"
+    guided = ["Adding two and three gives \\boxed{5}.", "Two and three, added one by one, give \\boxed{5} in the end."]
+    engine = FakeEngine(scripted({"Reference solution": guided, QUESTION: [wrong]}))
+    (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=4, rounds=2)
+    assert out.stage is Stage.GUIDED and out.self_attempts == 2 and out.aborted == 1
+    assert out.guided_attempts == 1 and generate_calls(engine, "Reference solution") == [2]
+    first = len(engine.encode_completion(guided[0]))
+    assert out.generated_tokens == 2 * len(engine.encode_completion(wrong)) + 2 * first
+
+
+async def test_aborting_rounds_changes_no_stage_outcome(grader: Grader) -> None:
+    # The default script on problems of every kind: stopping at the first keeper (keep=1) must reach the
+    # same stage for every problem as rounds that always run to the end (keep=k: a round only stops early
+    # when all its samples are keepers, i.e. when there is nothing left to abort), on fewer tokens.
+    pairs = [(a, b) for a in range(1, 7) for b in range(1, 4)]
+    problems = [problem(f"q{a}-{b}", f"What is {a}+{b}?", f"{a} + {b} = {a + b}", str(a + b)) for a, b in pairs]
+    stopped = await run(FakeEngine.from_config(), grader, problems, k=4, keep=1, rounds=2)
+    full = await run(FakeEngine.from_config(), grader, problems, k=4, keep=4, rounds=2)
+    assert [o.stage for o in stopped] == [o.stage for o in full]
+    assert {o.stage for o in stopped} == {Stage.SELF, Stage.GUIDED}
+    assert sum(o.aborted for o in stopped) > 0 and sum(o.aborted for o in full) == 0
+    assert sum(o.generated_tokens for o in stopped) < sum(o.generated_tokens for o in full)
 
 
 @pytest.mark.parametrize("score", [False, True])
@@ -356,3 +399,15 @@ async def test_scoring_only_when_asked(grader: Grader, score: bool) -> None:
         else:
             assert e.sampling is not None and (e.sampling.temperature, e.sampling.top_p) == (0.7, 0.9)
     assert StageParams().score is False
+
+
+async def test_a_response_without_an_explicit_final_answer_is_not_kept(grader: Grader) -> None:
+    # Its last number is the gold answer, which evaluation's lenient extraction would grade correct.
+    implicit = "Step 1: 2 apples. Step 2: 3 more. That makes 5"
+    engine = FakeEngine(scripted({QUESTION: [implicit, implicit, "So it is \\boxed{5}."]}))
+    (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=0, expert_fallback=False)
+    assert out.examples == [] and out.no_answer_rejected == 2 and out.self_correct == 0
+    (out,) = await run(engine, grader, [problem()], k=1, resolve_attempts=0)  # the third sample states it
+    assert [e.response for e in out.examples] == ["So it is \\boxed{5}."]
+    summary = Summary.from_outcomes(await run(FakeEngine(scripted({QUESTION: [implicit]})), grader, [problem()]))
+    assert summary.no_answer_rejected == 6 and summary.to_dict()["no_answer_rejected"] == 6  # k=4 + 2 guided
