@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -128,7 +129,7 @@ def create_app(cfg: ServiceConfig, engine_factory: EngineFactory = default_engin
         grader = Grader(workers=cfg.grader_workers, timeout=cfg.grade_timeout)
         gate = EngineGate()
         metrics = Metrics(gate.busy_seconds)
-        store = JobStore(r, keys, cfg.job_ttl_s)
+        store = JobStore(r, keys, cfg.job_ttl_s, max_lag=cfg.max_lag, read_timeout_s=cfg.probe_timeout_s)
         watcher = PolicyWatcher(r, keys, engine, gate, metrics, cfg.policy_poll_s)
         await watcher.check("startup")
         consumer = cfg.consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -151,11 +152,13 @@ def create_app(cfg: ServiceConfig, engine_factory: EngineFactory = default_engin
             await r.aclose()
             del app.state.mindgap
 
-    app = FastAPI(
+    # The docs pages load Swagger UI and ReDoc from files installed with the package (no CDN): they work offline.
+    app = FastAPIOffline(
         title="mindgap rewrite service",
         version="1",
         summary="Guided Re-solving over REST: jobs, synchronous rewrites, policy reloads, Redis streams.",
         lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True, "validatorUrl": None},
     )
     app.add_middleware(BodyLimit, limit=cfg.max_upload_bytes)
     _install_error_handlers(app)

@@ -8,9 +8,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
+from shared.retry import DEFAULT_BACKOFF
+from shared.schema import Example
 from shared.wire import (
     FINISHED_STATES,
     JobCreated,
@@ -21,8 +24,6 @@ from shared.wire import (
     ReloadRecord,
     RewriteResponse,
 )
-from shared.retry import DEFAULT_BACKOFF
-from shared.schema import Example
 
 
 class ServiceError(Exception):
@@ -34,8 +35,31 @@ class ServiceError(Exception):
         self.detail = detail
 
 
+def check_api_key(api_key: str) -> None:
+    """ValueError unless `api_key` can travel in an HTTP header: printable ASCII, no spaces or line breaks."""
+    # the message names the kind of character, never the key's text
+    for c in api_key:
+        if c in "\r\n":
+            what = "a line break"
+        elif c.isspace():
+            what = "a space"
+        elif not c.isascii():
+            what = "a non-ASCII character"
+        elif not c.isprintable():
+            what = "a control character"
+        else:
+            continue
+        raise ValueError(f"bad API key: it holds {what}; a key is printable ASCII without spaces or line breaks")
+
+
+def _job(job_id: str, *rest: str) -> str:
+    """The path of a job resource, its id escaped so that `?`, `/` or `#` in it stay part of the id."""
+    return "/".join(("/v1/jobs", quote(job_id, safe=""), *rest))
+
+
 class MindgapClient:
-    """Calls a mindgap service at `base_url`, with `api_key` as the bearer token when given."""
+    """Calls a mindgap service at `base_url`, with `api_key` as the bearer token when given (ValueError for a
+    key that cannot be sent)."""
 
     def __init__(
         self,
@@ -44,6 +68,8 @@ class MindgapClient:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if api_key:
+            check_api_key(api_key)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
 
@@ -126,7 +152,7 @@ class MindgapClient:
 
     def status(self, job_id: str) -> JobStatus:
         """A job's status."""
-        return JobStatus.model_validate(self._check(self.http.get(f"/v1/jobs/{job_id}")).json())
+        return JobStatus.model_validate(self._check(self.http.get(_job(job_id))).json())
 
     def jobs(self, limit: int = 100) -> list[JobStatus]:
         """The newest jobs."""
@@ -171,7 +197,7 @@ class MindgapClient:
 
     def results(self, job_id: str) -> Iterator[Example]:
         """The job's examples, streamed."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/results") as resp:
+        with self.http.stream("GET", _job(job_id, "results")) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 self._check(resp)
@@ -181,12 +207,12 @@ class MindgapClient:
 
     def results_parquet(self, job_id: str) -> bytes:
         """The job's examples as a parquet file's bytes."""
-        resp = self.http.get(f"/v1/jobs/{job_id}/results", params={"format": "parquet"})
+        resp = self.http.get(_job(job_id, "results"), params={"format": "parquet"})
         return self._check(resp).content
 
     def cancel(self, job_id: str) -> JobStatus:
         """Cancel a job (ServiceError 409 when it already finished)."""
-        return JobStatus.model_validate(self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json())
+        return JobStatus.model_validate(self._check(self.http.post(_job(job_id, "cancel"))).json())
 
     def rewrite(
         self,

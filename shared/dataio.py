@@ -37,9 +37,13 @@ from shared.layouts import (
     top_level_name,
 )
 from shared.schema import Example, Problem
+from shared.wire import DataPreview, PreviewProblem, RowError
 
 CANONICAL_FIELDS = ("id", "question", "solution", "answer")
 TURN_FIELD = "turn"  # not a field: which user turn of a conversation to read (`turn=2`, `turn=-1`)
+# Problem meta that every example record made from the problem carries: the gold as the dataset wrote it
+# ("9 (apples)" for the gold 9) and a system turn the question came with.
+RECORD_META = ("answer_text", "system")
 FIELDS_FLAG = "--fields"  # how errors tell a CLI user to map a field (job specs take the same CANONICAL=SOURCE)
 
 Row = dict[str, Any]
@@ -48,17 +52,6 @@ RowItem = tuple[int, Row | Exception]
 
 class DataError(ValueError):
     """A dataset that cannot be read as asked: missing file, unknown field, or a bad row in strict mode."""
-
-
-@dataclass(frozen=True)
-class RowError:
-    """A skipped row: its line (JSONL) or row number (other formats) and why."""
-
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -294,7 +287,8 @@ def _unknown_fields(fields: FieldMap, seen: set[str]) -> list[str]:
 def _whole_file_error(result: ReadResult, first_row: tuple[int, Row] | None) -> DataError:
     """One error for a file none of whose rows could be read: the layout found and the mapping that fits."""
     kinds = ", ".join(f"{kind} ×{n}" for kind, n in result.skipped.most_common())
-    message = f"no row could be read as a problem ({len(result.errors)} rows skipped: {kinds})"
+    skipped = len(result.errors)
+    message = f"no row could be read as a problem ({skipped} row{'s' if skipped != 1 else ''} skipped: {kinds})"
     if first_row is not None:
         line, row = first_row
         message += f". Line {line} has {describe_row(row) or 'no fields'}"
@@ -396,6 +390,31 @@ def read_problems_from_rows(
         raise _whole_file_error(result, first_row)
     result.ungradable = sum(p.answer is None for p in result.problems)
     return result
+
+
+def preview(result: ReadResult, fields: FieldMap | None = None, shown: int = 3, errors: int = 20) -> DataPreview:
+    """What `mindgap inspect` prints and a dry-run job answers: the mapping, `shown` problems, the counts."""
+    return DataPreview(
+        fields=(fields or FieldMap()).mapped(),
+        mapping={name: dict(counts.most_common()) for name, counts in result.sources.items()},
+        rows=result.rows,
+        readable=len(result.problems),
+        ungradable=result.ungradable,
+        skipped=len(result.errors),
+        skipped_reasons=dict(result.skipped.most_common()),
+        errors=result.errors[:errors],
+        problems=[
+            PreviewProblem(
+                line=p.meta["line"],
+                id=p.id,
+                question=p.question,
+                solution=p.solution,
+                answer=p.answer,
+                meta={k: v for k, v in p.meta.items() if k != "line"},
+            )
+            for p in result.problems[:shown]
+        ],
+    )
 
 
 def read_problems(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,8 @@ import typer
 from mindgap.cli import app, fail, hard_exit, load_config, setup_logging
 
 if TYPE_CHECKING:
-    from shared.wire import JobStatus
     from services.client import MindgapClient
+    from shared.wire import JobStatus
 
 log = logging.getLogger("mindgap.service")
 
@@ -28,7 +29,7 @@ def serve(
     port: int | None = typer.Option(None, help="port (default 8000)"),
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
     config: Path | None = typer.Option(None, "--config", help="TOML config file (ServiceConfig keys)"),
-    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
+    backend: str | None = typer.Option(None, help="inference engine: vllm (default) or fake (tests)"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback host without API keys"),
     redis_url: str | None = typer.Option(None, help="Redis URL (env MINDGAP_REDIS_URL)"),
     key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
@@ -36,7 +37,7 @@ def serve(
     chunk_size: int | None = typer.Option(None, help="problems per task chunk"),
     max_inflight_chunks: int | None = typer.Option(None, help="chunks on the engine at once"),
     claim_idle_ms: int | None = typer.Option(None, help="take over chunks idle this long (dead replica)"),
-    fake_delay: float | None = typer.Option(None, help="fake engine only: seconds per engine call"),
+    fake_delay_s: float | None = typer.Option(None, help="fake backend only: seconds per engine call"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Serve the rewrite API: jobs over REST, cross-job batching, examples into the Redis stream."""
@@ -47,7 +48,7 @@ def serve(
     overrides: dict[str, Any] = {
         "host": host,
         "port": port,
-        "backend": engine,
+        "backend": backend,
         "insecure": insecure or None,
         "redis_url": redis_url,
         "key_prefix": key_prefix,
@@ -55,7 +56,7 @@ def serve(
         "chunk_size": chunk_size,
         "max_inflight_chunks": max_inflight_chunks,
         "claim_idle_ms": claim_idle_ms,
-        "fake_delay_s": fake_delay,
+        "fake_delay_s": fake_delay_s,
     }
     if model is not None:
         overrides["engine"] = {"model": model}  # merged into the file's/env's engine table
@@ -86,7 +87,19 @@ def _serve(cfg: Any) -> int:
 def _client(url: str, api_key: str | None) -> MindgapClient:
     from services.client import MindgapClient
 
-    return MindgapClient(url, api_key)
+    try:
+        return MindgapClient(url, api_key)
+    except ValueError as exc:  # a key that cannot be sent in a header: the user's to fix, not the service's
+        raise fail(f"--api-key: {exc}") from None
+
+
+@contextmanager
+def _writing(output: Path) -> Iterator[None]:
+    """Turn a failure to write `output` (no such folder, no permission, disk full) into one error line."""
+    try:
+        yield
+    except OSError as exc:
+        raise fail(f"-o: cannot write {output}: {exc.strerror or exc}") from None
 
 
 def _service_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -107,7 +120,7 @@ def _service_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 @app.command()
 def submit(
     file: str = typer.Argument(..., help="local JSONL/JSON/parquet file (or a server path with --server-path)"),
-    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
+    fields: list[str] | None = typer.Option(None, help="field mapping, e.g. question=problem (repeatable)"),
     k: int | None = typer.Option(None, "--k", help="self-samples per problem"),
     resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
     keep: int | None = typer.Option(None, help="correct responses kept per problem at most"),
@@ -127,15 +140,15 @@ def submit(
     from shared.dataio import DataError, parse_field_specs
 
     try:
-        fields = parse_field_specs(field).mapped()
+        field_map = parse_field_specs(fields).mapped()
     except DataError as exc:
-        raise fail(f"--field: {exc}") from None
+        raise fail(f"--fields: {exc}") from None
     if mode not in ("once", "online"):
         raise fail(f"--mode: expected once or online, got {mode!r}")
     stage: dict[str, Any] = {"k": k, "resolve_attempts": resolve_attempts, "keep": keep, "temperature": temperature}
     stage |= {"top_p": top_p, "max_tokens": max_tokens, "guidance": guidance}
     params = {key: v for key, v in stage.items() if v is not None}
-    job_args: dict[str, Any] = {"fields": fields, "params": params, "mode": mode, "epochs": epochs, "name": name}
+    job_args: dict[str, Any] = {"fields": field_map, "params": params, "mode": mode, "epochs": epochs, "name": name}
     with _client(url, api_key) as client:
         if server_path:
             created = _service_call(client.submit_path, file, **job_args)
@@ -223,28 +236,34 @@ def results(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from shared.dataio import atomic_write_jsonl
-    from shared.schema import Example
+    from shared.dataio import atomic_file
 
     with _client(url, api_key) as client:
         s: JobStatus = _service_call(client.status, job)
         if output.suffix == ".parquet":
             data: bytes = _service_call(client.results_parquet, job)
-            tmp = output.with_name(f".{output.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(output)
+            with _writing(output), atomic_file(output) as f:
+                f.write(data)
             typer.echo(f"wrote {output}")
             return
-        with Progress(
-            TextColumn("[bold]downloading"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True)
-        ) as progress:
+        # the file is opened first, so an unwritable -o fails before the download starts; a service error
+        # mid-download leaves the block, and the atomic write removes its temp file
+        with (
+            _writing(output),
+            atomic_file(output) as f,
+            Progress(
+                TextColumn("[bold]downloading"), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True)
+            ) as progress,
+        ):
             task = progress.add_task("results", total=s.examples_total)
 
-            def counted() -> Iterator[Example]:
+            def download() -> int:
+                count = 0
                 for ex in client.results(job):
+                    f.write(ex.model_dump_json().encode() + b"\n")
+                    count += 1
                     progress.advance(task)
-                    yield ex
+                return count
 
-            # a service error mid-download surfaces inside the write, which then removes its temp file
-            n = _service_call(atomic_write_jsonl, output, counted())
+            n: int = _service_call(download)
     typer.echo(f"wrote {n} examples to {output}")

@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException
+import anyio
+from fastapi import APIRouter, Depends, HTTPException
 
-from services.api.deps import State, UserAuth
-from services.api.jobs import accepted, field_map, invalid, read_rows, stage_params
-from shared.wire import RewriteRequest, RewriteResponse
+from services.api.deps import State, UserAuth, json_body, json_request_body
+from services.api.errors import invalid, responses
+from services.api.jobs import accepted, field_map, read_rows, stage_params
+from services.api.limits import bounded_rows, check_job_size
 from services.pipeline import Summary, rewrite_batch
+from shared.dataio import ReadResult
+from shared.wire import RewriteRequest, RewriteResponse
 
-router = APIRouter(prefix="/v1", tags=["rewrite"], dependencies=[UserAuth])
+router = APIRouter(prefix="/v1", tags=["rewrite"], dependencies=[UserAuth], responses=responses(401, 503))
 
 
 @router.post(
     "/rewrite",
     response_model=RewriteResponse,
     summary="Rewrite a few rows now (not recorded in any job or stream)",
-    responses={413: {"description": "more rows than max_sync_rows: submit a job instead"}},
+    openapi_extra=json_request_body(RewriteRequest),
+    responses=responses(413, 415, 422),
 )
-async def rewrite(req: RewriteRequest, state: State) -> RewriteResponse:
+async def rewrite(req: Annotated[RewriteRequest, Depends(json_body(RewriteRequest))], state: State) -> RewriteResponse:
     """Run the three stages on the rows under the current policy and return the examples."""
     if len(req.rows) > state.cfg.max_sync_rows:
         raise HTTPException(
             413, f"rows: {len(req.rows)} rows, at most {state.cfg.max_sync_rows} per synchronous rewrite"
         )
-    params = stage_params(state.cfg.stages, req.params, ("body",))
-    result = accepted(read_rows(enumerate(req.rows, 1), field_map(req.fields, ("body",))))
+    params = stage_params(state.cfg, req.params, ("body",))
+    fields = field_map(req.fields, ("body",))
+
+    def read() -> ReadResult:
+        return accepted(read_rows(bounded_rows(enumerate(req.rows, 1), state.cfg.limits), fields))
+
+    result = await anyio.to_thread.run_sync(read)
+    check_job_size(len(result.problems), params, None, state.cfg.limits)
     if result.errors:
         first = result.errors[0]
         raise invalid(("body", "rows", first.line - 1), f"line {first.line}: {first.message}")
