@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> tuple[TrainerConfig, bool]:
     pre.add_argument("--config", type=Path, default=None)
     pre.add_argument("-v", "--verbose", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    cli = CliSettingsSource(
+    cli: CliSettingsSource[Any] = CliSettingsSource(
         TrainerConfig,
         cli_parse_args=rest,
         cli_prog_name="python -m trainer",

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.engine import Engine, Sample, SamplingConfig
 from mindgap.evaluation import estimators as stats
 from mindgap.evaluation.benchmarks import BENCHMARKS, benchmark_path
+from services.engine import Engine, Sample, SamplingConfig
 from shared.config import EngineConfig, MindgapSettings
 from shared.dataio import DataError, FieldMap, RowItem, iter_rows, read_problems_from_rows
 from shared.grading import GradeMethod, Grader, extract_prediction

@@ -15,14 +15,13 @@ from typing import Any
 
 import jsonschema
 import pytest
-
-from services import vllm_version
 import typer
 import yaml
 from typer.core import TyperGroup
 from typer.main import get_command
 
 from mindgap.cli import _register, app
+from services import vllm_version
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

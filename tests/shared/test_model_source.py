@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from shared import model_source as models
 from mindgap.cli import app
+from shared import model_source as models
 from shared.model_source import (
     COMPLETE_MARKER,
     ModelNotAvailableError,

@@ -11,8 +11,8 @@ from shared.prompts import render_prompt_ids
 from tests.support.trainer import make_examples, write_jsonl
 from trainer.config import TrainerConfig
 from trainer.data import FileSource, TrainItem, collate, prepare_item
-from trainer.zero import lr_lambda
 from trainer.train import apply_staleness
+from trainer.zero import lr_lambda
 
 
 @pytest.fixture(scope="module")
