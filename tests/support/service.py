@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from mindgap.redis_server import free_port
 from services.settings import ServiceConfig
-from tests.support.redis import free_port
 
 if TYPE_CHECKING:  # the app (FastAPI, the pipeline, grading) is imported only by the tests that run one
     from fastapi import FastAPI
@@ -34,6 +35,9 @@ def arithmetic_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
 
 
 FAST_PARAMS = {"k": 2, "resolve_attempts": 2, "max_tokens": 200}
+# Address-space cap of every `mindgap serve` the tests start (a fake-engine service peaks near 0.4 GB): a request
+# that makes it balloon fails that test with a MemoryError instead of taking the machine down.
+SERVE_MEMORY_CAP = 4 * 1024**3
 
 
 @pytest.fixture
@@ -84,22 +88,25 @@ async def wait_for_job(
 
 @dataclass
 class ServeProcess:
-    """A `mindgap serve --engine fake` subprocess on a free port; killable."""
+    """A `mindgap serve --backend fake` subprocess on a free port; killable."""
 
     env: dict[str, str]
     args: list[str]
     log_path: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    memory_cap: int = SERVE_MEMORY_CAP
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
-        argv = [sys.executable, "-m", "mindgap", "serve", "--engine", "fake", "--port", str(self.port), *self.args]
+        argv = [sys.executable, "-m", "mindgap", "serve", "--backend", "fake", "--port", str(self.port), *self.args]
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._cap_memory
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}"
@@ -110,6 +117,10 @@ class ServeProcess:
                 pass
             time.sleep(0.2)
         raise AssertionError(f"serve not ready after {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def _cap_memory(self) -> None:
+        """Runs in the child before exec: the cap applies to the service and every process it starts."""
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory_cap, self.memory_cap))
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Send `sig` and wait for the process to exit; its exit status."""
@@ -125,7 +136,7 @@ class ServeProcess:
 
 @pytest.fixture
 def serve_process(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """A factory of `mindgap serve --engine fake` subprocesses sharing the test's Redis and prefix."""
+    """A factory of `mindgap serve --backend fake` subprocesses sharing the test's Redis and prefix."""
     started: list[ServeProcess] = []
 
     def make(*args: str, **env: str) -> ServeProcess:
