@@ -37,7 +37,8 @@ from shared.layouts import (
     top_level_name,
 )
 from shared.schema import Example, Problem
-from shared.wire import DataPreview, PreviewProblem, RowError
+from shared.wire import DataPreview, PreviewProblem
+from shared.wire import RowError as WireRowError
 
 CANONICAL_FIELDS = ("id", "question", "solution", "answer")
 TURN_FIELD = "turn"  # not a field: which user turn of a conversation to read (`turn=2`, `turn=-1`)
@@ -52,6 +53,17 @@ RowItem = tuple[int, Row | Exception]
 
 class DataError(ValueError):
     """A dataset that cannot be read as asked: missing file, unknown field, or a bad row in strict mode."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A skipped row: its line (JSONL) or row number (other formats) and why."""
+
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -402,7 +414,7 @@ def preview(result: ReadResult, fields: FieldMap | None = None, shown: int = 3, 
         ungradable=result.ungradable,
         skipped=len(result.errors),
         skipped_reasons=dict(result.skipped.most_common()),
-        errors=result.errors[:errors],
+        errors=[WireRowError(line=e.line, message=e.message) for e in result.errors[:errors]],
         problems=[
             PreviewProblem(
                 line=p.meta["line"],

@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported.
-COMMAND_MODULES = ("rewrite", "model", "service", "train", "up", "evaluate", "bench", "doctor")
+COMMAND_MODULES = ("rewrite", "inspect", "model", "service", "train", "up", "evaluate", "bench", "doctor")
 
 
 class CliError(Exception):

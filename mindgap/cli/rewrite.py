@@ -22,7 +22,7 @@ def rewrite(
     input: Path = typer.Argument(..., help="problems: JSONL, JSON, parquet, a local HF datasets folder or a hub id"),
     output: Path = typer.Option(..., "-o", "--output", help="records out: .jsonl or .parquet"),
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
-    fields: list[str] | None = typer.Option(None, help="field mapping, e.g. question=problem (repeatable)"),
+    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
     split: str | None = typer.Option(None, help="split of an HF datasets folder or hub dataset"),
     limit: int | None = typer.Option(None, help="rewrite at most N problems"),
     shuffle: bool = typer.Option(False, "--shuffle", help="shuffle rows before --limit"),
@@ -35,22 +35,17 @@ def rewrite(
     top_p: float | None = typer.Option(None),
     max_tokens: int | None = typer.Option(None, help="response length cap; cut responses are not kept"),
     guidance: str | None = typer.Option(None, help="guided prompt mode: solution | answer | hint"),
-    expert_format: str | None = typer.Option(
-        None, help="expert demonstrations: raw (as written, default) | boxed (#### X → \\boxed{X}, no <<…>> notes)"
-    ),
     score: bool | None = typer.Option(
         None, "--score/--no-score", help="store target_logprobs: score kept responses on the training prompt (off)"
     ),
     batch_size: int | None = typer.Option(None, help="problems per pipeline batch"),
     config: Path | None = typer.Option(None, "--config", help="TOML config file"),
-    backend: str | None = typer.Option(None, help="inference engine: vllm (default) or fake (tests)"),
+    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
     dtype: str | None = typer.Option(None),
     tensor_parallel_size: int | None = typer.Option(None),
     gpu_memory_utilization: float | None = typer.Option(None),
     max_model_len: int | None = typer.Option(None),
-    enable_prefix_caching: bool | None = typer.Option(
-        None, "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching (default on)"
-    ),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="skip torch.compile (faster start)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
@@ -64,7 +59,6 @@ def rewrite(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "guidance": guidance,
-        "expert_format": expert_format,
         "score": score,
     }
     engine_opts = {
@@ -73,7 +67,7 @@ def rewrite(
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
-        "enable_prefix_caching": enable_prefix_caching,
+        "enable_prefix_caching": False if no_prefix_caching else None,
         "enforce_eager": enforce_eager or None,
     }
     from services.offline import RewriteConfig
@@ -84,14 +78,14 @@ def rewrite(
         log,
         input=input,
         output=output,
-        fields=fields or None,
+        fields=field or None,
         split=split,
         limit=limit,
         shuffle=shuffle or None,
         seed=seed,
         strict=strict or None,
         batch_size=batch_size,
-        backend=backend,
+        backend=engine,
         stages={key: v for key, v in stages.items() if v is not None},
         engine={key: v for key, v in engine_opts.items() if v is not None},
     )
