@@ -7,6 +7,9 @@ stream — all or nothing, and only the first time, so a redelivered chunk (a re
 commit but before its ack) changes nothing. The same script finishes an epoch: it queues the next epoch
 of an online job, or settles the final state and sets the expiry of a finished job's keys (noting when,
 so the creation-time index of jobs is pruned as new jobs arrive and Redis does not grow with every job).
+
+A status read answers within `read_timeout_s` or raises redis' TimeoutError (a 503 for the API) however long
+Redis hangs, and says why an unfinished job makes no progress while the trainer lags more than `max_lag`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,19 @@ from enum import IntEnum
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
 
-from shared.wire import FINISHED_STATES, JobCreated, JobSpec, JobStatus, RowError
 from services.pipeline import ProblemOutcome
 from shared.config import StageParams
 from shared.keys import REWRITER_GROUP, TRAINER_GROUP, Keys
+from shared.retry import deadline
 from shared.schema import Problem, Stage
-from shared.streams import ensure_group
+from shared.streams import backpressure_reason, ensure_group, group_lag
+from shared.wire import FINISHED_STATES, JobCreated, JobSpec, JobStatus, RowError
 
 STAGE_NAMES = tuple(s.value for s in Stage)
 SHOWN_ERRORS = 100
+ROW_ERROR: TypeAdapter[RowError] = TypeAdapter(RowError)
 
 # KEYS: 1 job, 2 done set, 3 results, 4 examples stream, 5 versions, 6 active set, 7 task stream,
 #       8 problems, 9 errors, 10 chunk errors, 11 expiring index.
@@ -164,12 +170,19 @@ def outcome_counters(outcomes: Sequence[ProblemOutcome]) -> dict[str, int]:
 
 
 class JobStore:
-    """Jobs in Redis under `keys`; finished jobs expire after `ttl_s`."""
+    """Jobs in Redis under `keys`; finished jobs expire after `ttl_s`.
 
-    def __init__(self, r: aioredis.Redis, keys: Keys, ttl_s: int) -> None:
+    `max_lag` is the producers' backpressure bound (0: none), `read_timeout_s` the most a status read may take.
+    """
+
+    def __init__(
+        self, r: aioredis.Redis, keys: Keys, ttl_s: int, max_lag: int = 0, read_timeout_s: float = 5.0
+    ) -> None:
         self.r = r
         self.keys = keys
         self.ttl_s = ttl_s
+        self.max_lag = max_lag
+        self.read_timeout_s = read_timeout_s
         self._complete = r.register_script(_COMPLETE_LUA)
         self._cancel = r.register_script(_CANCEL_LUA)
         self._prune = r.register_script(_PRUNE_LUA)
@@ -228,7 +241,7 @@ class JobStore:
             for start in range(0, len(problems), 1000):
                 pipe.rpush(k.job_problems(job_id), *(p.model_dump_json() for p in problems[start : start + 1000]))
             for start in range(0, len(errors), 1000):
-                pipe.rpush(k.job_errors(job_id), *(e.model_dump_json() for e in errors[start : start + 1000]))
+                pipe.rpush(k.job_errors(job_id), *(ROW_ERROR.dump_json(e) for e in errors[start : start + 1000]))
             for c in range(chunks):
                 pipe.xadd(k.job_tasks(job_id), {"epoch": 0, "chunk": c})
             pipe.zadd(k.jobs, {job_id: now})
@@ -258,8 +271,18 @@ class JobStore:
             params=StageParams.model_validate_json(params),
         )
 
+    async def waiting(self) -> str | None:
+        """Why unfinished jobs make no progress now: `trainer lag N > max_lag M`, or None."""
+        if not self.max_lag:
+            return None
+        return backpressure_reason(await group_lag(self.r, self.keys.examples, TRAINER_GROUP), self.max_lag)
+
     async def status(self, job_id: str) -> JobStatus | None:
         """The full status of a job, or None when unknown."""
+        async with deadline(self.read_timeout_s, f"status of job {job_id}"):
+            return await self._status(job_id, await self.waiting())
+
+    async def _status(self, job_id: str, waiting: str | None) -> JobStatus | None:
         raw = await self.r.hgetall(self.keys.job(job_id))
         if not raw:
             return None
@@ -300,23 +323,26 @@ class JobStore:
             examples_total=sum(examples.values()),
             generated_tokens=num("generated_tokens"),
             policy_versions=sorted(int(_text(v)) for v in versions),
-            errors=[RowError.model_validate_json(e) for e in errors],
+            errors=[ROW_ERROR.validate_json(e) for e in errors],
             error=h.get("error") or None,
             params=StageParams.model_validate_json(h["params"]),
             fields=json.loads(h.get("fields") or "{}"),
+            waiting=waiting if h["state"] not in FINISHED_STATES else None,
         )
 
     async def recent(self, limit: int = 100) -> list[JobStatus]:
         """The newest `limit` jobs; ids of expired jobs are dropped from the index on the way."""
-        ids = [_text(i) for i in await self.r.zrevrange(self.keys.jobs, 0, limit - 1)]
-        jobs: list[JobStatus] = []
-        for job_id in ids:
-            status = await self.status(job_id)
-            if status is None:
-                await self.r.zrem(self.keys.jobs, job_id)
-            else:
-                jobs.append(status)
-        return jobs
+        async with deadline(self.read_timeout_s, "the job list"):
+            ids = [_text(i) for i in await self.r.zrevrange(self.keys.jobs, 0, limit - 1)]
+            waiting = await self.waiting()
+            jobs: list[JobStatus] = []
+            for job_id in ids:
+                status = await self._status(job_id, waiting)
+                if status is None:
+                    await self.r.zrem(self.keys.jobs, job_id)
+                else:
+                    jobs.append(status)
+            return jobs
 
     async def cancel(self, job_id: str) -> str | None:
         """Cancel a queued or running job; the state it had before (None when unknown)."""

@@ -31,8 +31,16 @@ class Metrics:
         self.stream_lag = Gauge(
             "mindgap_stream_lag", "Examples the trainer group has not read yet (backpressure input)", registry=r
         )
+        self.backpressure = Gauge(
+            "mindgap_backpressure",
+            "1 while new chunks are held back because the trainer group lags more than max_lag examples",
+            registry=r,
+        )
         self.policy_version = Gauge("mindgap_policy_version", "Policy version being served", registry=r)
         self.reloads = Counter("mindgap_policy_reloads", "Weight reloads, by outcome", ["outcome"], registry=r)
+        self.policy_hash_error = Gauge(
+            "mindgap_policy_hash_error", "1 while the policy hash in Redis is unusable (see /readyz)", registry=r
+        )
         self.busy_fraction = Gauge(
             "mindgap_engine_busy_fraction",
             "Share of wall time with engine work in flight, since the last scrape",

@@ -34,7 +34,7 @@ from services.settings import ServiceConfig
 from shared.grading import Grader
 from shared.keys import REWRITER_GROUP, TRAINER_GROUP, Keys
 from shared.retry import DEFAULT_BACKOFF, retry_async
-from shared.streams import dead_letter, field, group_lag, wait_for_capacity
+from shared.streams import backpressure_reason, dead_letter, field, group_lag, wait_for_capacity
 
 log = logging.getLogger("mindgap.worker")
 
@@ -81,6 +81,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._last_claim = 0.0
+        self._held_back: str | None = None  # the backpressure reason while new chunks are held back
 
     def wake(self) -> None:
         """Look for work now (a job was just submitted here)."""
@@ -126,13 +127,16 @@ class Worker:
 
     async def _fill_slots(self) -> int:
         """Start chunks in free slots; how many were started."""
-        free = self.cfg.max_inflight_chunks - len(self._inflight)
-        if free <= 0 or not self.gate.is_open:
+        if not self.gate.is_open:
             return 0
+        # measured even with every slot taken: running chunks wait for the same capacity before they commit
         lag = await group_lag(self.r, self.keys.examples, TRAINER_GROUP)
         self.metrics.stream_lag.set(lag)
-        if self.cfg.max_lag and lag > self.cfg.max_lag:
-            return 0  # backpressure: the trainer is behind
+        if self._hold_back(backpressure_reason(lag, self.cfg.max_lag)):
+            return 0
+        free = self.cfg.max_inflight_chunks - len(self._inflight)
+        if free <= 0:
+            return 0
         jobs = await self.store.active()
         if not jobs:
             return 0
@@ -147,6 +151,16 @@ class Worker:
             self._inflight[task.entry_id] = (task, runner)
         self.metrics.inflight.set(len(self._inflight))
         return len(tasks)
+
+    def _hold_back(self, reason: str | None) -> bool:
+        """Record whether backpressure holds new chunks back (metric, one log line per change); whether it does."""
+        if reason is not None and self._held_back is None:
+            log.info("holding back new chunks: %s (the trainer reads too slowly)", reason)
+        elif reason is None and self._held_back is not None:
+            log.info("trainer caught up: taking chunks again")
+        self._held_back = reason
+        self.metrics.backpressure.set(reason is not None)
+        return reason is not None
 
     async def _read_new(self, jobs: Sequence[str], free: int) -> list[Task]:
         """Up to `free` new chunks, at most one per job per turn, in round-robin job order."""

@@ -8,6 +8,10 @@ outage longer than that surfaces as an error; the components' loops then call `r
 logging each failure once per attempt. Neither layer logs a URL or a password: messages go through
 `shared.config.redact_url_credentials`.
 
+Where an answer is owed within a bound whatever Redis does (readiness probes, job status), `deadline` caps the
+calls inside it: past the bound they are cancelled (redis-py drops the connection they were on) and a redis
+`TimeoutError` is raised, which the service answers with 503.
+
 Every retried operation must be idempotent (a timed-out command may still have run on the server):
 mindgap's Redis writes are (Lua commits guarded by sets, HSETNX before XADD, XACK, HSET).
 """
@@ -15,10 +19,12 @@ mindgap's Redis writes are (Lua commits guarded by sets, HSETNX before XADD, XAC
 from __future__ import annotations
 
 import asyncio
+import builtins
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -135,3 +141,17 @@ def retry_sync(op: Callable[[], T], what: str, policy: Backoff = DEFAULT_BACKOFF
                 raise
         time.sleep(delay)
         attempt += 1
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """Bound the Redis calls inside the block to `seconds` in all; past it raise redis' TimeoutError naming `what`.
+
+    The socket timeout and redis-py's retries can keep one call busy for many seconds against a frozen server;
+    this is for callers that must answer sooner (with an error) instead.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except builtins.TimeoutError:  # asyncio's; `TimeoutError` here is redis-py's
+        raise TimeoutError(f"{what}: Redis did not answer within {seconds:g}s") from None

@@ -56,6 +56,11 @@ async def group_lag(r: aioredis.Redis, stream: str, group: str) -> int:
     return 0
 
 
+def backpressure_reason(lag: int, max_lag: int) -> str | None:
+    """Why a producer holds back: `trainer lag N > max_lag M` when the lag is over the bound (0 disables), else None."""
+    return f"trainer lag {lag} > max_lag {max_lag}" if max_lag > 0 and lag > max_lag else None
+
+
 async def wait_for_capacity(
     r: aioredis.Redis,
     stream: str,
@@ -68,7 +73,7 @@ async def wait_for_capacity(
     if max_lag <= 0:
         return 0.0
     start = time.monotonic()
-    while await group_lag(r, stream, group) > max_lag:
+    while backpressure_reason(await group_lag(r, stream, group), max_lag) is not None:
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(f"stream {stream} lag stayed above {max_lag} for {timeout_s:.0f}s")
         await asyncio.sleep(poll_s)

@@ -1,5 +1,5 @@
 """The policy watcher: pub/sub and polled reloads, READY handshake, refused and failed checkpoints, admin reload,
-and the version stamped on every later example."""
+the version stamped on every later example, corrupt policy hashes and rollbacks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from services.engine import Engine
 from services.fake_engine import FakeEngine
+from services.policy_watcher import PolicyHashError, parse_policy
 from services.settings import ServiceConfig
 from shared.keys import Keys
 from shared.schema import Example
@@ -84,6 +86,7 @@ async def test_event_reload_stamps_the_new_version_on_later_examples(
             "path": None,
             "reloading": False,
             "history": [],
+            "error": None,
         }
         rows = {"rows": arithmetic_rows(2), "params": FAST_PARAMS}
         before = (await client.post("/v1/rewrite", json=rows)).json()
@@ -177,3 +180,97 @@ async def test_online_job_examples_follow_reloads_in_stream_order(
     await r.aclose()
     versions = [Example.model_validate_json(field(e, "data") or "").policy_version for _, e in entries]
     assert versions == sorted(versions) and set(versions) == {0, 1, 2}
+
+
+@pytest.mark.parametrize(
+    ("version", "problem"),
+    [(b"abc", "'abc' is not an integer"), (b"-1", "'-1' is not an integer"), (str(2**63).encode(), "not an integer")],
+)
+def test_parse_policy_refuses_what_is_not_a_version(version: bytes, problem: str) -> None:
+    with pytest.raises(PolicyHashError, match=problem):
+        parse_policy(version, b"/ckpt/v1")
+
+
+def test_parse_policy_reads_the_trainers_hash() -> None:
+    assert parse_policy(None, None) is None  # nothing published yet
+    assert parse_policy(str(2**63 - 1).encode(), b"/ckpt/last") == (2**63 - 1, "/ckpt/last")
+    with pytest.raises(PolicyHashError, match="no checkpoint path"):
+        parse_policy(b"3", None)
+    with pytest.raises(PolicyHashError, match="no version"):
+        parse_policy(None, b"/ckpt/v3")
+
+
+async def corrupt_hash(r: aioredis.Redis, keys: Keys, how: str) -> None:
+    """What a careless operator or a broken script does to the policy key."""
+    if how == "wrong type":
+        await r.set(keys.policy, "v3")
+    else:
+        await r.hset(keys.policy, mapping={"version": how, "path": "/ckpt/v3"})
+
+
+@pytest.mark.parametrize("how", ["abc", str(2**63), "wrong type"])
+async def test_a_corrupt_policy_hash_is_reported_and_the_watcher_takes_the_next_valid_version(
+    how: str,
+    service_config: ConfigFactory,
+    redis_url: str,
+    key_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = Keys(key_prefix)
+    r = aioredis.from_url(redis_url)
+    await corrupt_hash(r, keys, how)  # already corrupt when the service starts: it must start anyway
+    async with running_service(service_config(policy_poll_s=0.1)) as (client, _):
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["status"] == "degraded" and "unusable" in ready.json()["policy_error"]
+        policy = (await client.get("/v1/policy")).json()
+        assert policy["version"] == 0 and "unusable" in policy["error"] and "still serving v0" in policy["error"]
+        assert "mindgap_policy_hash_error 1.0" in (await client.get("/metrics")).text
+        await asyncio.sleep(0.5)  # several polls
+        logged = [rec for rec in caplog.records if rec.name == "mindgap.policy" and "unusable" in rec.message]
+        assert len(logged) == 1 and logged[0].levelname == "ERROR"  # at once, and once
+
+        await r.delete(keys.policy)
+        await publish(redis_url, key_prefix, 2, checkpoint(tmp_path, 2))
+        policy = await policy_after(client, lambda p: p["version"] == 2)
+        assert policy["error"] is None
+        assert (await client.get("/readyz")).json()["status"] == "ready"
+        watcher_task = next(t for t in asyncio.all_tasks() if t.get_name() == "mindgap-policy")
+        assert not watcher_task.done()
+
+        await corrupt_hash(r, keys, how)  # corrupted while running: reported, the watcher lives on
+        await policy_after(client, lambda p: p["error"] is not None)
+        await r.delete(keys.policy)
+        await publish(redis_url, key_prefix, 3, checkpoint(tmp_path, 3))
+        await policy_after(client, lambda p: p["version"] == 3 and p["error"] is None)
+        assert not watcher_task.done()
+    await r.aclose()
+
+
+async def test_versions_only_go_forward_unless_an_admin_forces_a_rollback(
+    service_config: ConfigFactory, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    async with running_service(service_config(admin_keys="root", policy_poll_s=0.1)) as (client, _):
+        client.headers["Authorization"] = "Bearer root"
+
+        async def reload(version: int, **extra: object) -> httpx.Response:
+            path = tmp_path / f"v{version}"
+            if not path.exists():
+                checkpoint(tmp_path, version)
+            return await client.post("/v1/policy/reload", json={"path": str(path), **extra})
+
+        assert (await reload(5)).status_code == 200
+        for older in (await reload(3), await reload(5)):  # older, or the same again
+            assert older.status_code == 409 and "allow_rollback" in older.json()["detail"], older.text
+        assert (await client.get("/v1/policy")).json()["version"] == 5
+        resp = await reload(3, allow_rollback=True)
+        assert resp.status_code == 200 and resp.json()["version"] == 3
+
+        # the trainer's hash does not undo the rollback with a version the service already moved past …
+        await publish(redis_url, key_prefix, 4, checkpoint(tmp_path, 4))
+        await asyncio.sleep(0.5)
+        assert (await client.get("/v1/policy")).json()["version"] == 3
+        # … but a newer one is taken as usual
+        await publish(redis_url, key_prefix, 6, checkpoint(tmp_path, 6))
+        await policy_after(client, lambda p: p["version"] == 6)

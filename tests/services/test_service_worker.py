@@ -4,6 +4,7 @@ epochs, fair share between jobs and backpressure."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -13,7 +14,6 @@ import pytest
 import redis.asyncio as aioredis
 
 import services.job_store
-from shared.wire import JobSpec, RowError
 from services.engine import Engine
 from services.fake_engine import FakeEngine, arithmetic_script
 from services.job_store import Commit, JobStore
@@ -22,6 +22,7 @@ from shared.config import StageParams
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example, Problem
 from shared.streams import field
+from shared.wire import JobSpec, RowError
 from tests.support.service import FAST_PARAMS, arithmetic_rows, running_service, wait_for_job
 
 pytestmark = pytest.mark.redis
@@ -167,10 +168,21 @@ async def test_backpressure_holds_chunks_while_the_trainer_lags(
 ) -> None:
     async with running_service(service_config(max_lag=2, chunk_size=1, max_inflight_chunks=1)) as (client, _):
         job_id = (await client.post("/v1/jobs", json={"rows": arithmetic_rows(6), "params": FAST_PARAMS})).json()["id"]
-        await asyncio.sleep(2.0)
+        # three chunks run (the third starts at lag 2), then the job stalls and its status says why
+        deadline = time.monotonic() + 30
+        while (status := (await client.get(f"/v1/jobs/{job_id}")).json())["waiting"] is None:
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+        assert status["waiting"] == "trainer lag 3 > max_lag 2", status
+        await asyncio.sleep(1.0)
         status = (await client.get(f"/v1/jobs/{job_id}")).json()
-        assert status["state"] == "running" and status["problems_done"] <= 4, status
-        assert "mindgap_stream_lag 3.0" in (await client.get("/metrics")).text
+        assert status["state"] == "running" and status["problems_done"] == 3, status
+        # … on /readyz too (still ready: the replica is fine, the trainer is slow), and in the metrics
+        assert (await client.get("/v1/jobs")).json()["jobs"][0]["waiting"] == status["waiting"]
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["waiting"] == status["waiting"], ready.text
+        metrics = (await client.get("/metrics")).text
+        assert "mindgap_stream_lag 3.0" in metrics and "mindgap_backpressure 1.0" in metrics
 
         r = aioredis.from_url(redis_url)
 
@@ -180,7 +192,9 @@ async def test_backpressure_holds_chunks_while_the_trainer_lags(
 
         reader = asyncio.create_task(trainer())
         try:
-            await wait_for_job(client, job_id, timeout=30)
+            done = await wait_for_job(client, job_id, timeout=30)
+            assert done["waiting"] is None, done
+            assert "mindgap_backpressure 0.0" in (await client.get("/metrics")).text
         finally:
             reader.cancel()
             await r.aclose()
