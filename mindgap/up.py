@@ -1,7 +1,8 @@
 """`mindgap up` orchestration: Redis, the rewrite service and the trainer as supervised child processes.
 
-The orchestrator never imports the service or the trainer. It starts them through their CLIs, reads
-their progress from Redis keys (`shared.keys`) and the service's REST API, and stops them by signal.
+The orchestrator imports neither the service's app nor the trainer. It starts them through their CLIs, reads
+their progress from Redis keys (`shared.keys`) and the service's REST API (`services.client.MindgapClient`,
+the one Python client), and stops them by signal.
 Each child runs in its own process group, so Ctrl-C on the terminal reaches only the orchestrator, which
 then stops every child (SIGTERM to the whole group, SIGKILL after a grace period) in reverse start order.
 Children write their output to `<run>/logs/<name>.log`.
@@ -11,13 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,16 +24,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from redis.exceptions import RedisError
 
+from mindgap.redis_server import RedisNotFound, RedisServer, free_port
+from services.client import MindgapClient, ServiceError
 from shared.config import MindgapSettings
 from shared.keys import TRAINER_GROUP, Keys
 from shared.streams import group_lag
+from shared.wire import PolicyStatus, ReloadRecord
 
 log = logging.getLogger("mindgap.up")
 
@@ -192,27 +193,17 @@ class Supervisor:
         self.stop()
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def redis_spec(run_dir: Path) -> tuple[ChildSpec, str]:
-    """A local redis-server on a free loopback port with AOF data in `<run>/redis`, and its URL."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise OrchestrateError(
-            "redis-server not found on PATH: install Redis (e.g. apt-get install redis-server) "
-            "or point MINDGAP_REDIS_URL at a running one"
-        )
-    data = run_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data.resolve())]
-    argv += ["--appendonly", "yes", "--save", ""]
-    return ChildSpec("redis", argv), f"redis://127.0.0.1:{port}/0"
+    """A local redis-server on a free loopback port with AOF data in `<run>/redis`, and its URL.
+
+    Its log goes to stdout, which the supervisor writes to `<run>/logs/redis.log`.
+    """
+    server = RedisServer(run_dir / "redis", aof=True, log_file=False)
+    try:
+        argv = server.argv()
+    except RedisNotFound as exc:
+        raise OrchestrateError(f"{exc}, or point MINDGAP_REDIS_URL at a running one") from None
+    return ChildSpec("redis", argv), server.url
 
 
 def _cli(*args: str) -> list[str]:
@@ -222,7 +213,7 @@ def _cli(*args: str) -> list[str]:
 
 def service_spec(cfg: UpConfig, port: int) -> ChildSpec:
     """`mindgap serve` for this loop (Redis URL, prefix and keys come through env from `run_up`)."""
-    argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--engine", cfg.backend)
+    argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--backend", cfg.backend)
     if cfg.service_config is not None:
         argv += ["--config", str(cfg.service_config)]
     return ChildSpec("service", argv)
@@ -238,82 +229,19 @@ def trainer_spec(cfg: UpConfig, checkpoint_dir: Path) -> ChildSpec:
     return ChildSpec("trainer", argv)
 
 
-class Reload(BaseModel):
-    """One entry of the service's reload history (`/v1/policy`)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    version: int
-    time: float = Field(description="unix time the reload finished")
-    duration_s: float | None = None
-    outcome: str = Field("loaded", description="loaded | refused | failed")
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the service serves these weights now (or did, until a later version)."""
-        return self.outcome == "loaded"
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-class PolicyView(BaseModel):
-    """The service's `/v1/policy`: the version it serves and its reload history."""
+async def _call(doing: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """A blocking `MindgapClient` call off the event loop; an error status becomes an OrchestrateError.
 
-    model_config = ConfigDict(extra="ignore")
-
-    version: int
-    history: list[Reload] = Field(default_factory=list)
-
-
-class ServiceApi:
-    """The few REST calls `mindgap up` makes (plain httpx: the orchestrator imports no service code)."""
-
-    def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 30.0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout_s)
-
-    async def ready(self) -> bool:
-        """Whether `/readyz` answers 200 (connection errors mean not yet)."""
-        try:
-            return (await self.http.get("/readyz")).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    async def submit_online(
-        self, data: Path, fields: dict[str, str], params: dict[str, Any], epochs: int | None
-    ) -> str:
-        """Upload `data` as an online job (cycling until stopped, or `epochs` passes); return the job id."""
-        spec = {"mode": "online", "epochs": epochs, "fields": fields, "params": params, "name": "mindgap up"}
-        with data.open("rb") as f:
-            resp = await self.http.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={"file": (data.name, f)})
-        _raise_for(resp, "submitting the job")
-        return str(resp.json()["id"])
-
-    async def stage_counts(self, job_id: str) -> dict[str, int]:
-        """Examples per stage the job has produced so far."""
-        resp = await self.http.get(f"/v1/jobs/{job_id}")
-        _raise_for(resp, "reading the job status")
-        return {str(k): int(v) for k, v in resp.json().get("examples", {}).items()}
-
-    async def cancel(self, job_id: str) -> None:
-        """Cancel the job (best effort: a job that already ended answers 409)."""
-        resp = await self.http.post(f"/v1/jobs/{job_id}/cancel")
-        if resp.status_code not in (200, 202, 409):
-            _raise_for(resp, "cancelling the job")
-
-    async def policy(self) -> PolicyView:
-        """The version the service serves and its reload history."""
-        resp = await self.http.get("/v1/policy")
-        _raise_for(resp, "reading /v1/policy")
-        return PolicyView.model_validate(resp.json())
-
-    async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        await self.http.aclose()
-
-
-def _raise_for(resp: httpx.Response, doing: str) -> None:
-    if resp.status_code >= 400:
-        raise OrchestrateError(f"service answered {resp.status_code} {doing}: {resp.text[:300]}")
+    Connection errors stay `httpx.TransportError`, which the loop tolerates for a while.
+    """
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ServiceError as exc:
+        raise OrchestrateError(f"service answered {exc.status} {doing}: {str(exc.detail)[:300]}") from None
 
 
 @dataclass
@@ -370,16 +298,16 @@ class UpResult:
 
     reason: Literal["max-versions", "interrupted"]
     start_version: int
-    reloads: list[Reload]
+    reloads: list[ReloadRecord]
     run_dir: Path
     exit_codes: dict[str, int]
 
 
-def new_versions(view: PolicyView, start_version: int) -> list[int]:
+def new_versions(view: PolicyStatus, start_version: int) -> list[int]:
     """Distinct versions above `start_version` that the service loaded successfully, in order."""
     seen: list[int] = []
     for r in view.history:
-        if r.ok and r.version > start_version and r.version not in seen:
+        if r.outcome == "loaded" and r.version > start_version and r.version not in seen:
             seen.append(r.version)
     return seen
 
@@ -447,13 +375,13 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    api = ServiceApi(plan.service_url, plan.api_key)
+    client = MindgapClient(plan.service_url, plan.api_key, timeout=30.0)
     started = time.monotonic()
     sup = Supervisor(plan.run_dir / "logs", cfg.grace_s)
     r: aioredis.Redis | None = None
     reason: Literal["max-versions", "interrupted"] = "interrupted"
     start_version = 0
-    reloads: list[Reload] = []
+    reloads: list[ReloadRecord] = []
     try:
         redis_url = cfg.redis_url
         if redis_url is None:
@@ -471,8 +399,7 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
         await _wait_until(redis_up, f"Redis at {redis_url}", sup, stop, cfg.ready_timeout_s)
         env = {
             "MINDGAP_REDIS_URL": redis_url,
-            "MINDGAP_KEY_PREFIX": cfg.key_prefix,  # service's name for it
-            "MINDGAP_PREFIX": cfg.key_prefix,  # trainer's name for it
+            "MINDGAP_KEY_PREFIX": cfg.key_prefix,
             "MINDGAP_API_KEYS": plan.api_key,
             "MINDGAP_ADMIN_KEYS": plan.api_key,
         }
@@ -480,19 +407,33 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
             ChildSpec("service", plan.service.argv, {**plan.service.env, **env, "MINDGAP_MAX_LAG": str(cfg.max_lag)})
         )
         sup.start(ChildSpec("trainer", plan.trainer.argv, {**plan.trainer.env, **env}))
-        await _wait_until(api.ready, f"service {plan.service_url}/readyz", sup, stop, cfg.ready_timeout_s)
-        start_version = (await api.policy()).version
-        job_id = await api.submit_online(cfg.data, cfg.fields, cfg.params, cfg.epochs)
+
+        async def service_up() -> bool:
+            return await asyncio.to_thread(client.ready)
+
+        await _wait_until(service_up, f"service {plan.service_url}/readyz", sup, stop, cfg.ready_timeout_s)
+        start_version = (await _call("reading /v1/policy", client.policy)).version
+        # online: the job cycles over DATA under the newest policy until stopped, or for `epochs` passes
+        created = await _call(
+            "submitting the job",
+            client.submit_file,
+            cfg.data,
+            cfg.fields,
+            cfg.params,
+            mode="online",
+            epochs=cfg.epochs,
+            name="mindgap up",
+        )
+        job_id = created.id
         log.info("submitted %s as online job %s; serving policy v%d", cfg.data, job_id, start_version)
         unreachable_since: float | None = None
         while not stop.is_set():
             sup.check()
             try:
-                view = await api.policy()
+                view = await _call("reading /v1/policy", client.policy)
+                job = await _call("reading the job status", client.status, job_id)
                 status = LoopStatus(
-                    elapsed_s=time.monotonic() - started,
-                    served_version=view.version,
-                    stages=await api.stage_counts(job_id),
+                    elapsed_s=time.monotonic() - started, served_version=view.version, stages=job.examples
                 )
                 status.step, status.loss, status.published_version = await read_trainer(r, keys, TRAINER_RUN)
                 if await r.exists(keys.examples):
@@ -513,14 +454,15 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cfg.poll_s)
         # a stopped loop leaves no job behind that a later service on the same Redis would resume
+        # (best effort: a job that already ended answers 409)
         with contextlib.suppress(OrchestrateError, httpx.HTTPError):
-            await api.cancel(job_id)
+            await _call("cancelling the job", client.cancel, job_id)
     except Interrupted:
         reason = "interrupted"
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await api.aclose()
+        await asyncio.to_thread(client.close)
         if r is not None:
             await r.aclose()
         codes = sup.stop()

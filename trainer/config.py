@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -19,13 +19,18 @@ Precision = Literal["bf16", "fp32"]
 class TrainerConfig(MindgapSettings):
     """Everything one trainer run needs; `mindgap train --help` lists the same fields as flags."""
 
+    # `prefix` (TOML key, MINDGAP_PREFIX, --prefix) was this setting's name before the processes agreed on one
+    deprecated_keys: ClassVar[dict[str, str]] = {"prefix": "key_prefix"}
+
     # data
     source: str = Field("redis", description="'redis' (consumer group on the examples stream) or a JSONL/parquet path")
     epochs: int = Field(1, ge=1, description="passes over a file source (ignored for redis)")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the examples stream")
-    prefix: str = Field("mindgap", min_length=1, description="Redis key prefix")
+    key_prefix: str = Field("mindgap", min_length=1, description="prefix of every Redis key")
     consumer: str = Field("trainer-0", min_length=1, description="consumer name in the 'trainer' group")
-    run_name: str = Field("default", min_length=1, description="progress is published to <prefix>:trainer:<run>")
+    run_name: str = Field(
+        "default", min_length=1, description="progress is published to <key_prefix>:trainer:<run_name>"
+    )
     publish: bool | None = Field(
         None, description="announce checkpoints and progress in Redis; None: only when the source is redis"
     )

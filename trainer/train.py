@@ -219,7 +219,7 @@ def run(cfg: TrainerConfig) -> None:
     stop = StopFlag()
     source: Source | None = None
     announcer: Announcer | None = None
-    keys = Keys(cfg.prefix)
+    keys = Keys(cfg.key_prefix)
     if dist.is_main:
         source = _open_source(cfg, tokenizer, keys, resumed, stop)
         announcer = Announcer(cfg.redis_url, keys, cfg.run_name) if cfg.announces else None

@@ -41,12 +41,12 @@ def _engine_opts(model: str | None, seed: int | None, max_model_len: int | None,
 @app.command("eval")
 def evaluate(
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
-    benchmark: str | None = typer.Option(
+    benchmarks: str | None = typer.Option(
         None, help="comma-separated: math500,minerva_math,olympiadbench,aime24,amc23 (from $MINDGAP_DATA_DIR)"
     ),
     data: list[Path] | None = typer.Option(None, "--data", help="a problems file to evaluate on (repeatable)"),
-    field: list[str] | None = typer.Option(
-        None, "--field", help="field mapping for --data files, e.g. question=problem"
+    fields: list[str] | None = typer.Option(
+        None, help="field mapping for --data files, e.g. question=problem (repeatable)"
     ),
     subject_field: str | None = typer.Option(None, help="source field of --data files that labels the subject"),
     n: int | None = typer.Option(None, "--n", help="samples per problem (default 16)"),
@@ -61,7 +61,7 @@ def evaluate(
     dtype: str | None = typer.Option(None),
     grader_workers: int | None = typer.Option(None, help="grading processes"),
     config: Path | None = typer.Option(None, "--config", help="TOML config file"),
-    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
+    backend: str | None = typer.Option(None, help="inference engine: vllm (default) or fake (tests)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Accuracy (avg@n, pass@n, per subject; math-verify and Qwen-Math grading) of a model on math benchmarks."""
@@ -71,10 +71,10 @@ def evaluate(
 
     setup_logging(verbose)
     try:
-        names = parse_benchmark_names(benchmark) if benchmark else None
+        names = parse_benchmark_names(benchmarks) if benchmarks else None
     except BenchmarkError as exc:
         raise fail(str(exc)) from None
-    specs = [{"path": p, "fields": field or [], "subject_field": subject_field} for p in data or []]
+    specs = [{"path": p, "fields": fields or [], "subject_field": subject_field} for p in data or []]
     cfg = _load(
         EvalConfig,
         config,
@@ -88,11 +88,11 @@ def evaluate(
         limit=limit,
         samples_output=samples_output,
         grader_workers=grader_workers,
-        backend=engine,
+        backend=backend,
         engine=_engine_opts(model, seed, max_model_len, dtype) or None,
     )
     if not cfg.benchmarks and not cfg.data:
-        raise fail("nothing to evaluate: give --benchmark NAMES and/or --data FILE")
+        raise fail("nothing to evaluate: give --benchmarks NAMES and/or --data FILE")
     for spec in cfg.data:
         if not spec.path.exists():
             raise fail(f"data file not found: {spec.path}")
@@ -120,10 +120,10 @@ def evaluate(
 @app.command("gap")
 def gap(
     inputs: list[Path] = typer.Argument(..., help="DATA [DATA2]: a problems file and/or a rewritten records file"),
-    output_dir: Path = typer.Option(..., "-o", "--output", help="folder for gap.json, gap.md and gap.png"),
+    output_dir: Path = typer.Option(..., "-o", "--output-dir", help="folder for gap.json, gap.md and gap.png"),
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
-    field: list[str] | None = typer.Option(None, "--field", help="field mapping for problems files"),
-    label: list[str] | None = typer.Option(None, "--label", help="a name per input, in order (default: file stems)"),
+    fields: list[str] | None = typer.Option(None, help="field mapping for problems files (repeatable)"),
+    labels: list[str] | None = typer.Option(None, help="a name per input, in order (default: file stems)"),
     limit: int | None = typer.Option(None, help="first N problems or records of each file"),
     rescore: bool = typer.Option(
         True, "--rescore/--no-rescore", help="score records again (default) or reuse their stored target_logprobs"
@@ -131,7 +131,7 @@ def gap(
     max_model_len: int | None = typer.Option(None),
     dtype: str | None = typer.Option(None),
     config: Path | None = typer.Option(None, "--config", help="TOML config file"),
-    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
+    backend: str | None = typer.Option(None, help="inference engine: vllm (default) or fake (tests)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """How off-policy a dataset is for a model: token log-probs, NLL, p<0.1 share, sequence weights and ESS."""
@@ -147,11 +147,11 @@ def gap(
         config,
         inputs=inputs,
         output_dir=output_dir,
-        labels=label or None,
-        fields=field or None,
+        labels=labels or None,
+        fields=fields or None,
         limit=limit,
         rescore=rescore,
-        backend=engine,
+        backend=backend,
         engine=_engine_opts(model, None, max_model_len, dtype) or None,
     )
     try:

@@ -11,12 +11,35 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from mindgap.cli import app, fail, load_config, setup_logging
 
 _NO_FORWARD = {"nproc", "verbose"}
+# old flag → new flag, accepted for one release with a warning (not listed in --help)
+DEPRECATED_FLAGS = {"--prefix": "--key-prefix"}
+
+
+class TrainCommand(TyperCommand):
+    """The `train` command, which also takes the deprecated flag names in DEPRECATED_FLAGS."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # Any: typer vendors click's Context
+        from shared.config import warn_deprecated
+
+        renamed: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":  # everything after it is a value
+                renamed += args[i:]
+                break
+            flag, eq, value = arg.partition("=")
+            if flag in DEPRECATED_FLAGS:
+                warn_deprecated(flag, DEPRECATED_FLAGS[flag])
+                arg = DEPRECATED_FLAGS[flag] + eq + value
+            renamed.append(arg)
+        return super().parse_args(ctx, renamed)
 
 
 def train(
@@ -60,9 +83,9 @@ def train(
     seed: int | None = typer.Option(None),
     epochs: int | None = typer.Option(None, help="passes over a file source"),
     redis_url: str | None = typer.Option(None, help="Redis URL"),
-    prefix: str | None = typer.Option(None, help="Redis key prefix"),
+    key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
     consumer: str | None = typer.Option(None, help="consumer name in group 'trainer' (reuse it to resume)"),
-    run_name: str | None = typer.Option(None, help="progress goes to <prefix>:trainer:<run>"),
+    run_name: str | None = typer.Option(None, help="progress goes to <key-prefix>:trainer:<run-name>"),
     publish: bool | None = typer.Option(
         None, "--publish/--no-publish", help="announce checkpoints in Redis (default: with --source redis)"
     ),
@@ -131,4 +154,4 @@ def _forward_flags(ctx: typer.Context) -> list[str]:
     return flags
 
 
-app.command("train")(train)
+app.command("train", cls=TrainCommand)(train)

@@ -20,7 +20,7 @@ log = logging.getLogger("mindgap.up")
 @app.command()
 def up(
     data: Path = typer.Argument(..., help="problems: JSONL/JSON/parquet, submitted as an online job"),
-    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
+    fields: list[str] | None = typer.Option(None, help="field mapping, e.g. question=problem (repeatable)"),
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
     nproc: int | None = typer.Option(None, help="trainer ranks on this machine (torchrun when > 1)"),
     max_versions: int | None = typer.Option(None, help="stop after the service loaded N new policy versions"),
@@ -31,20 +31,20 @@ def up(
     resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
     max_tokens: int | None = typer.Option(None, help="response length cap"),
     max_lag: int | None = typer.Option(None, help="pause rewriting while the trainer lags more examples (64)"),
-    engine: str | None = typer.Option(None, "--engine", help="service backend: vllm (default) or fake"),
+    backend: str | None = typer.Option(None, help="service inference engine: vllm (default) or fake"),
     host: str | None = typer.Option(None, help="service bind address (default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="service port (default: a free one)"),
     key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
     run_dir: Path | None = typer.Option(None, help="logs, Redis data and checkpoints (default out/up-<time>)"),
     service_config: Path | None = typer.Option(None, help="TOML config passed to `mindgap serve`"),
     train_config: Path | None = typer.Option(None, help="TOML config passed to `mindgap train`"),
-    grace: float | None = typer.Option(None, help="seconds each child gets to stop before SIGKILL"),
+    grace_s: float | None = typer.Option(None, help="seconds each child gets to stop before SIGKILL (30)"),
     config: Path | None = typer.Option(None, "--config", help="TOML config of this command"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Start Redis (unless MINDGAP_REDIS_URL is set), the service and the trainer; rewrite DATA online."""
-    from shared.dataio import DataError, parse_field_specs
     from mindgap.up import OrchestrateError, UpConfig, UpPlan
+    from shared.dataio import DataError, parse_field_specs
 
     setup_logging(verbose)
     # one request line per status poll would bury the live line
@@ -55,13 +55,13 @@ def up(
         if path is not None and not path.is_file():
             raise fail(f"{flag}: no such file {path}")
     try:
-        fields = parse_field_specs(field).mapped()
+        field_map = parse_field_specs(fields).mapped()
     except DataError as exc:
-        raise fail(f"--field: {exc}") from None
+        raise fail(f"--fields: {exc}") from None
     params = {"k": k, "resolve_attempts": resolve_attempts, "max_tokens": max_tokens}
     cli: dict[str, Any] = {
         "data": data,
-        "fields": fields or None,
+        "fields": field_map or None,
         "params": {key: v for key, v in params.items() if v is not None} or None,
         "model": model,
         "nproc": nproc,
@@ -70,14 +70,14 @@ def up(
         "loss": loss,
         "epochs": epochs,
         "max_lag": max_lag,
-        "backend": engine,
+        "backend": backend,
         "host": host,
         "port": port,
         "key_prefix": key_prefix,
         "run_dir": run_dir,
         "service_config": service_config,
         "train_config": train_config,
-        "grace_s": grace,
+        "grace_s": grace_s,
     }
     cfg = load_config(UpConfig, config, log, **cli)
     plan = UpPlan.from_config(cfg)
@@ -128,8 +128,8 @@ def _report(result: UpResult) -> None:
         table.add_row(
             f"v{r.version}",
             datetime.fromtimestamp(r.time, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            f"{r.duration_s:.2f}" if r.duration_s is not None else "-",
-            r.outcome if r.ok else f"{r.outcome}: {r.error or '?'}",
+            f"{r.duration_s:.2f}",
+            r.outcome if r.outcome == "loaded" else f"{r.outcome}: {r.error or '?'}",
         )
     Console(width=120).print(table)
     typer.echo(f"run folder {result.run_dir}")

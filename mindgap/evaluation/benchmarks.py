@@ -1,4 +1,4 @@
-"""The five math benchmarks `mindgap eval --benchmark` knows by name: where they lie and how their fields map.
+"""The five math benchmarks `mindgap eval --benchmarks` knows by name: where they lie and how their fields map.
 
 The files are not part of the repository: they are read from `$MINDGAP_DATA_DIR/benchmarks/<name>/`
 or, by default, from `../shared/data/benchmarks/` beside the checkout. Each entry names the source

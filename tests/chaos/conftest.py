@@ -7,13 +7,13 @@ disturb them. Every wait is bounded; every process is killed at teardown.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.redis import RedisServer, free_port
+from mindgap.redis_server import RedisServer
+from tests.support.redis import start_redis
 from tests.support.service import ServeProcess
 
 # Short client timeouts and reclaim times keep each fault (and the recovery from it) a few seconds long.
@@ -30,20 +30,16 @@ SERVE_ENV = {
 @pytest.fixture
 def chaos_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server (AOF, fsync always) this test alone uses: restart it, SIGSTOP it."""
-    server = RedisServer(port=free_port(), workdir=tmp_path / "redis")
-    server.workdir.mkdir()
-    server.start()
+    server = start_redis(tmp_path / "redis")
     try:
         yield server
     finally:
-        if server.proc is not None and server.proc.poll() is None:
-            os.kill(server.proc.pid, signal.SIGCONT)  # a frozen server would not answer SIGTERM
-        server.stop()
+        server.stop()  # thaws a frozen server first: it would not act on SIGTERM
 
 
 @pytest.fixture
 def chaos_serve(chaos_redis: RedisServer, key_prefix: str, tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """A factory of `mindgap serve --engine fake` processes on `chaos_redis` (each a new replica)."""
+    """A factory of `mindgap serve --backend fake` processes on `chaos_redis` (each a new replica)."""
     started: list[ServeProcess] = []
 
     def make(*args: str, **env: str) -> ServeProcess:

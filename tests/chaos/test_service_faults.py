@@ -1,6 +1,6 @@
 """The rewrite service under faults: SIGKILL mid-job, a Redis restart, a Redis frozen past the client timeouts.
 
-Each test runs a job on `mindgap serve --engine fake` processes, hits it with the fault while chunks are
+Each test runs a job on `mindgap serve --backend fake` processes, hits it with the fault while chunks are
 in flight, and then checks the same end state: the job completes, every problem is counted once, and the
 job's results and the examples stream hold the same examples, none twice (`tests.support.chaos_jobs.check_job`).
 """
@@ -16,9 +16,9 @@ import httpx
 import pytest
 import redis
 
+from mindgap.redis_server import RedisServer
 from shared.keys import Keys
 from tests.support.chaos_jobs import check_job, freeze, submit, wait_chunks
-from tests.support.redis import RedisServer
 from tests.support.service import ServeProcess
 
 pytestmark = [pytest.mark.chaos, pytest.mark.redis, pytest.mark.slow]

@@ -20,11 +20,11 @@ import httpx
 import pytest
 import redis
 
+from mindgap.redis_server import RedisServer
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
 from shared.streams import field
 from tests.support.chaos_jobs import check_job, freeze, submit
-from tests.support.redis import RedisServer
 from tests.support.service import ServeProcess
 from tests.support.trainer import ROOT, publish, read_metrics, train_argv, train_env
 from trainer.checkpoint import read_state, ready_versions
@@ -142,7 +142,7 @@ def test_trainer_sigkilled_mid_epoch_beside_a_producing_service_consumes_each_ex
         ckpt,
         source="redis",
         redis_url=chaos_redis.url,
-        prefix=key_prefix,
+        key_prefix=key_prefix,
         consumer="t0",
         batch_size=4,
         checkpoint_every=2,

@@ -9,11 +9,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.engine import SamplingConfig
-from mindgap.evaluation.accuracy import EvalSet, evaluate_set, load_benchmark, load_eval_set, markdown
-from services.fake_engine import FakeEngine
-from mindgap.evaluation.benchmarks import BENCHMARKS, BenchmarkError, benchmark_path, parse_benchmark_names
 from mindgap.cli import _register, app
+from mindgap.evaluation.accuracy import EvalSet, evaluate_set, load_benchmark, load_eval_set, markdown
+from mindgap.evaluation.benchmarks import BENCHMARKS, BenchmarkError, benchmark_path, parse_benchmark_names
+from services.engine import SamplingConfig
+from services.fake_engine import FakeEngine
 from shared.dataio import DataError, FieldMap
 from shared.grading import Grader
 
@@ -129,8 +129,8 @@ def test_eval_cli_writes_json_and_markdown(problems_file: Path, tmp_path: Path) 
     out = tmp_path / "res" / "eval.json"
     samples = tmp_path / "res" / "samples.jsonl"
     result = invoke(
-        "--data", problems_file, "--field", "question=q", "--field", "answer=a", "--subject-field", "topic",
-        "--n", "4", "--temperature", "1.0", "-o", out, "--samples-output", samples, "--engine", "fake",
+        "--data", problems_file, "--fields", "question=q", "--fields", "answer=a", "--subject-field", "topic",
+        "--n", "4", "--temperature", "1.0", "-o", out, "--samples-output", samples, "--backend", "fake",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rep = json.loads(out.read_text())
@@ -148,8 +148,8 @@ def test_eval_cli_writes_json_and_markdown(problems_file: Path, tmp_path: Path) 
 def test_eval_cli_limit_applies_per_data_set(problems_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     result = invoke(
-        "--data", problems_file, "--field", "question=q", "--field", "answer=a", "--limit", "1",
-        "--n", "2", "-o", out, "--engine", "fake",
+        "--data", problems_file, "--fields", "question=q", "--fields", "answer=a", "--limit", "1",
+        "--n", "2", "-o", out, "--backend", "fake",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["benchmarks"]["arith"]["problems"] == 1
@@ -159,15 +159,15 @@ def test_eval_cli_limit_applies_per_data_set(problems_file: Path, tmp_path: Path
     ("args", "message"),
     [
         ((), "nothing to evaluate"),
-        (("--benchmark", "math500,gsm9k"), "unknown benchmark 'gsm9k'"),
+        (("--benchmarks", "math500,gsm9k"), "unknown benchmark 'gsm9k'"),
         (("--data", "/no/such/file.jsonl"), "data file not found"),
-        (("--data", "{file}", "--field", "question=nope"), "unknown field 'nope'"),
+        (("--data", "{file}", "--fields", "question=nope"), "unknown field 'nope'"),
         (("--data", "{file}", "--n", "0"), "n:"),
     ],
 )
 def test_eval_cli_errors_are_one_line(args: tuple[str, ...], message: str, problems_file: Path, tmp_path: Path) -> None:
     args = tuple(a.replace("{file}", str(problems_file)) for a in args)
-    result = invoke(*args, "-o", tmp_path / "x.json", "--engine", "fake")
+    result = invoke(*args, "-o", tmp_path / "x.json", "--backend", "fake")
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from services.fake_engine import FakeEngine
+from mindgap.cli import _register, app
 from mindgap.evaluation.gap import (
     Scored,
     dataset_report,
@@ -21,8 +21,8 @@ from mindgap.evaluation.gap import (
     score_records,
     summarise,
 )
+from services.fake_engine import FakeEngine
 from services.pipeline import rewrite_batch
-from mindgap.cli import _register, app
 from shared.config import StageParams
 from shared.dataio import atomic_write_jsonl
 from shared.grading import Grader
@@ -121,7 +121,7 @@ def test_detect_kind(raw_file: Path, records_file: Path) -> None:
 
 def test_gap_cli_two_datasets_side_by_side(raw_file: Path, records_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "gap"
-    result = invoke(raw_file, records_file, "--label", "raw", "--label", "rewritten", "-o", out, "--engine", "fake")
+    result = invoke(raw_file, records_file, "--labels", "raw", "--labels", "rewritten", "-o", out, "--backend", "fake")
     assert result.exit_code == 0, result.output
     rep = json.loads((out / "gap.json").read_text())
     raw, rewritten = rep["datasets"]
@@ -135,7 +135,7 @@ def test_gap_cli_two_datasets_side_by_side(raw_file: Path, records_file: Path, t
 
 
 def test_gap_cli_reuses_stored_logprobs_without_an_engine(records_file: Path, tmp_path: Path) -> None:
-    # No --engine fake: with --no-rescore and records only, no engine may be started at all.
+    # No --backend fake: with --no-rescore and records only, no engine may be started at all.
     result = invoke(records_file, "--no-rescore", "-o", tmp_path / "g")
     assert result.exit_code == 0, result.output
     rep = json.loads((tmp_path / "g" / "gap.json").read_text())
@@ -146,13 +146,13 @@ def test_gap_cli_reuses_stored_logprobs_without_an_engine(records_file: Path, tm
     ("extra", "message"),
     [
         (("{raw}", "{raw}", "{raw}"), "inputs"),
-        (("{raw}", "--label", "a", "--label", "b"), "2 labels for 1 inputs"),
+        (("{raw}", "--labels", "a", "--labels", "b"), "2 labels for 1 inputs"),
         (("/no/such.jsonl",), "input file not found"),
-        (("{raw}", "--field", "question=nope"), "unknown field 'nope'"),
+        (("{raw}", "--fields", "question=nope"), "unknown field 'nope'"),
     ],
 )
 def test_gap_cli_errors(extra: tuple[str, ...], message: str, raw_file: Path, tmp_path: Path) -> None:
     args = [a.replace("{raw}", str(raw_file)) for a in extra]
-    result = invoke(*args, "-o", tmp_path / "g", "--engine", "fake")
+    result = invoke(*args, "-o", tmp_path / "g", "--backend", "fake")
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output

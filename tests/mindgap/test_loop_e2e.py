@@ -25,10 +25,10 @@ import httpx
 import pytest
 import redis
 
+from mindgap.redis_server import RedisServer, free_port
+from mindgap.up import ChildSpec, Supervisor
 from shared.keys import Keys
-from mindgap.up import ChildSpec, Supervisor, free_port
 from shared.schema import Example
-from tests.support.redis import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -113,7 +113,7 @@ def loop(
     keys = Keys(prefix)
     work = tmp_path_factory.mktemp("loop")
     port = free_port()
-    common = {"MINDGAP_REDIS_URL": redis_url, "MINDGAP_KEY_PREFIX": prefix, "MINDGAP_PREFIX": prefix}
+    common = {"MINDGAP_REDIS_URL": redis_url, "MINDGAP_KEY_PREFIX": prefix}
     sup = Supervisor(work / "logs", grace_s=30)
     http = httpx.Client(
         base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
@@ -259,7 +259,7 @@ def test_mindgap_up_stops_by_itself_after_max_versions(tiny_model_dir: Path, tmp
         _cli(
             "up",
             str(SAMPLE),
-            *("--model", str(tiny_model_dir), "--engine", "fake", "--max-versions", "2", "--checkpoint-every", "1"),
+            *("--model", str(tiny_model_dir), "--backend", "fake", "--max-versions", "2", "--checkpoint-every", "1"),
             *("--k", "2", "--resolve-attempts", "1", "--max-tokens", "32"),
             *("--train-config", str(train_config), "--run-dir", str(run_dir)),
         ),

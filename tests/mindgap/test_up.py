@@ -9,26 +9,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from typer.testing import CliRunner
 
 from mindgap.cli import _register, app
+from mindgap.redis_server import free_port
 from mindgap.up import (
     ChildFailed,
     ChildSpec,
     LoopStatus,
     OrchestrateError,
-    PolicyView,
-    Reload,
     Supervisor,
     UpConfig,
     UpPlan,
-    free_port,
     new_versions,
     redis_spec,
     run_up,
 )
+from shared.wire import PolicyStatus, ReloadRecord
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample.jsonl"
@@ -113,15 +113,27 @@ def test_missing_redis_server_is_one_clear_error(tmp_path: Path, monkeypatch: py
         redis_spec(tmp_path)
 
 
+Outcome = Literal["loaded", "refused"]
+
+
+def _reload(version: int, time: float, outcome: Outcome = "loaded", error: str | None = None) -> ReloadRecord:
+    path = f"/ckpt/v{version}"
+    return ReloadRecord(
+        version=version, time=time, path=path, duration_s=0.1, outcome=outcome, error=error, source="event"
+    )
+
+
 def test_new_versions_counts_distinct_successful_loads_after_the_start() -> None:
-    view = PolicyView(
+    view = PolicyStatus(
         version=4,
+        path="/ckpt/v4",
+        reloading=False,
         history=[
-            Reload(version=1, time=1.0),
-            Reload(version=2, time=2.0, outcome="refused", error="no READY marker"),
-            Reload(version=3, time=3.0),
-            Reload(version=3, time=4.0),
-            Reload(version=4, time=5.0),
+            _reload(1, 1.0),
+            _reload(2, 2.0, outcome="refused", error="no READY marker"),
+            _reload(3, 3.0),
+            _reload(3, 4.0),
+            _reload(4, 5.0),
         ],
     )
     assert new_versions(view, start_version=1) == [3, 4]

@@ -1,4 +1,4 @@
-"""Load: many concurrent clients submit, poll and download against one `mindgap serve --engine fake` on
+"""Load: many concurrent clients submit, poll and download against one `mindgap serve --backend fake` on
 loopback; status latency stays bounded, every job completes with its results, and finished jobs are removed
 from Redis after `job_ttl_s`, so Redis does not grow with the number of jobs served."""
 

@@ -254,7 +254,7 @@ def test_a_redis_password_in_the_url_is_masked_in_the_resolved_config() -> None:
 def test_serve_refuses_a_public_bind_without_keys() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINDGAP_")}
     result = subprocess.run(
-        [sys.executable, "-m", "mindgap", "serve", "--engine", "fake", "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "mindgap", "serve", "--backend", "fake", "--host", "0.0.0.0", "--port", "1"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,4 +1,4 @@
-"""The curl examples of docs/service.md, run as written against a live `mindgap serve --engine fake`."""
+"""The curl examples of docs/service.md, run as written against a live `mindgap serve --backend fake`."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_cli_submit_wait_status_and_results(serve_process: Callable[..., ServePr
 def test_serve_refuses_a_public_bind_without_keys() -> None:
     env = {"PATH": "/usr/bin:/bin", "MINDGAP_REDIS_URL": "redis://127.0.0.1:1/0"}
     done = subprocess.run(
-        [sys.executable, "-m", "mindgap", "serve", "--engine", "fake", "--host", "0.0.0.0"],
+        [sys.executable, "-m", "mindgap", "serve", "--backend", "fake", "--host", "0.0.0.0"],
         cwd=REPO,
         env=env,
         capture_output=True,

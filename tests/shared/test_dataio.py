@@ -22,7 +22,7 @@ from shared.dataio import (
 )
 from shared.schema import ChatMessage, Example, Sampling, Stage
 
-# (file, --field specs, rows, limit or None) — the invocations a user would type for each source.
+# (file, --fields specs, rows, limit or None) — the invocations a user would type for each source.
 SHARED_FILES = [
     ("gsm8k/train.jsonl", ["solution=answer"], 7473, None),
     ("benchmarks/math500/test.jsonl", [], 500, None),

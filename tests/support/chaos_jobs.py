@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections import Counter
 from typing import Any
@@ -12,9 +10,9 @@ from typing import Any
 import httpx
 import redis
 
+from mindgap.redis_server import RedisServer
 from shared.keys import Keys
 from shared.streams import field
-from tests.support.redis import RedisServer
 
 ROWS = 24  # 12 chunks of 2 at ~0.3 s each (fake delay per engine call): long enough to hit mid-job
 FAST_PARAMS = {"k": 2, "resolve_attempts": 2, "max_tokens": 200, "keep": 1}
@@ -91,9 +89,9 @@ def check_job(http: httpx.Client, r: redis.Redis, keys: Keys, job_id: str, n: in
 
 def freeze(server: RedisServer, seconds: float) -> None:
     """SIGSTOP the server for `seconds`, then SIGCONT it (always, even if interrupted)."""
-    assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGSTOP)
+    assert server.running
+    server.freeze()
     try:
         time.sleep(seconds)
     finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
+        server.thaw()

@@ -22,7 +22,9 @@ from typing import Any
 
 import redis
 
+from shared.config import StageParams
 from shared.keys import Keys
+from shared.wire import JobCreated, JobState, JobStatus, PolicyStatus, ReloadRecord
 
 
 def _on_sigterm(record: Path) -> None:
@@ -31,6 +33,36 @@ def _on_sigterm(record: Path) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _job(state: JobState) -> dict[str, Any]:
+    """The one job's status, as the real service would answer it (validated by the wire model)."""
+    examples = {"self": 3, "guided": 1, "expert": 1}
+    return JobStatus(
+        id="job-1",
+        state=state,
+        mode="online",
+        epochs=None,
+        epoch=0,
+        created_at=time.time(),
+        problems=5,
+        rows_rejected=0,
+        chunks=1,
+        chunks_done=0,
+        chunks_failed=0,
+        problems_done=5,
+        progress=None,
+        stages=examples,
+        dropped=0,
+        ungradable=0,
+        examples=examples,
+        examples_total=sum(examples.values()),
+        generated_tokens=0,
+        policy_versions=[],
+        errors=[],
+        params=StageParams(),
+        fields={},
+    ).model_dump(mode="json")
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -42,7 +74,7 @@ def serve(args: argparse.Namespace) -> None:
     api_key = os.environ["MINDGAP_API_KEYS"]
     started = time.monotonic()
     lock = threading.Lock()
-    state: dict[str, Any] = {"version": 0, "history": []}
+    policy = PolicyStatus(version=0, path=None, reloading=False, history=[])
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *a: Any) -> None:
@@ -71,14 +103,22 @@ def serve(args: argparse.Namespace) -> None:
             elif self.path == "/v1/policy":
                 with lock:
                     published = int(r.hget(keys.policy, "version") or 0)
-                    if published > state["version"]:
-                        state["version"] = published
-                        state["history"].append(
-                            {"version": published, "time": time.time(), "duration_s": 0.01, "outcome": "loaded"}
+                    if published > policy.version:
+                        path = f"/ckpt/v{published}"
+                        policy.version, policy.path = published, path
+                        policy.history.append(
+                            ReloadRecord(
+                                time=time.time(),
+                                version=published,
+                                path=path,
+                                duration_s=0.01,
+                                outcome="loaded",
+                                source="event",
+                            )
                         )
-                    self._json(200, state)
+                    self._json(200, policy.model_dump(mode="json"))
             elif re.fullmatch(r"/v1/jobs/[\w-]+", self.path):
-                self._json(200, {"id": "job-1", "examples": {"self": 3, "guided": 1, "expert": 1}})
+                self._json(200, _job("running"))
             else:
                 self._json(404, {"detail": "not found"})
 
@@ -88,10 +128,11 @@ def serve(args: argparse.Namespace) -> None:
                 return
             if self.path == "/v1/jobs":
                 (record / "submitted").write_bytes(body)
-                self._json(201, {"id": "job-1"})
+                created = JobCreated(id="job-1", state="queued", problems=5, rows_rejected=0, chunks=1)
+                self._json(201, created.model_dump(mode="json"))
             elif self.path == "/v1/jobs/job-1/cancel":
                 (record / "cancelled").touch()
-                self._json(200, {"id": "job-1", "state": "cancelled"})
+                self._json(200, _job("cancelled"))
             else:
                 self._json(404, {"detail": "not found"})
 
@@ -105,7 +146,7 @@ def train(args: argparse.Namespace) -> None:
     _on_sigterm(record)
     (record / f"trainer.{os.getpid()}").touch()
     r = redis.Redis.from_url(os.environ["MINDGAP_REDIS_URL"])
-    keys = Keys(os.environ["MINDGAP_PREFIX"])
+    keys = Keys(os.environ["MINDGAP_KEY_PREFIX"])
     started = time.monotonic()
     step = 0
     while True:

@@ -45,7 +45,7 @@ def test_sigkill_after_checkpoint_then_resume_then_sigterm(
         ckpt,
         source="redis",
         redis_url=redis_url,
-        prefix=key_prefix,
+        key_prefix=key_prefix,
         consumer="t0",
         run_name="kill",
         batch_size=2,

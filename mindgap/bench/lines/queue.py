@@ -25,9 +25,9 @@ import redis
 import redis.asyncio as aioredis
 
 from mindgap.bench.context import BenchContext
-from mindgap.bench.redis_server import ThrowawayRedis
 from mindgap.bench.report import LineResult
 from mindgap.bench.timings import Row, summarize
+from mindgap.redis_server import RedisServer
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import ChatMessage, Example, Sampling, Stage, example_id, wire_logprobs
 from shared.streams import ensure_group, publish_examples
@@ -197,7 +197,7 @@ def run(
     theirs: list[float] = []
     ceiling: list[float] = []
     server_us: dict[str, list[float]] = {"mindgap": [], "xadd": []}
-    with ThrowawayRedis(ctx.scratch("queue")) as server, redis.Redis.from_url(server.url) as admin:
+    with RedisServer(ctx.scratch("queue")) as server, redis.Redis.from_url(server.url) as admin:
         stream_rate(server.url, min(n, 200), batch)  # warm-up: process start, Lua script cache, allocator
         for _ in range(ctx.repeat):
             with ServerCPU(admin, n) as cpu:

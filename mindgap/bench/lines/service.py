@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 
 from mindgap.bench.context import BenchContext
-from mindgap.bench.procs import PeakRSS, WorkerError, free_port, kill_group, kill_tree, log_tail, run_worker
-from mindgap.bench.redis_server import ThrowawayRedis
+from mindgap.bench.procs import PeakRSS, WorkerError, kill_group, kill_tree, log_tail, run_worker
 from mindgap.bench.report import LineResult
 from mindgap.bench.timings import Row, rate_stat, summarize
+from mindgap.redis_server import RedisServer, free_port
 from shared.config import StageParams
 from shared.dataio import read_problems
 
@@ -73,7 +73,7 @@ def run(ctx: BenchContext, parts: frozenset[str] = frozenset({"service"})) -> Li
 
     tokens: list[int] = []
     seconds: list[float] = []
-    with ThrowawayRedis(work / "redis") as redis_server:
+    with RedisServer(work / "redis") as redis_server:
         port = free_port()
         spec = {
             "host": "127.0.0.1",
