@@ -32,7 +32,7 @@ from shared.schema import Example
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample.jsonl"
 API_KEY = "e2e-key"
 TRAIN_STEPS = 3

@@ -15,7 +15,7 @@ from shared.schema import Example, Stage
 
 pytestmark = [pytest.mark.vllm, pytest.mark.smollm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBLEMS = [
     ("What is 3 + 4?", "3 + 4 = 7.\n#### 7"),

@@ -17,7 +17,7 @@ from shared.keys import Keys
 from shared.schema import ChatMessage, Example, Sampling, Stage
 from shared.streams import publish_examples
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
