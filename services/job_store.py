@@ -25,6 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter
 
+from services.guidance_filter import REASONS
 from services.pipeline import ProblemOutcome
 from shared.config import StageParams
 from shared.keys import REWRITER_GROUP, TRAINER_GROUP, Keys
@@ -166,6 +167,9 @@ def outcome_counters(outcomes: Sequence[ProblemOutcome]) -> dict[str, int]:
             counters[f"p:{out.stage.value}"] = counters.get(f"p:{out.stage.value}", 0) + 1
         for ex in out.examples:
             counters[f"e:{ex.stage.value}"] = counters.get(f"e:{ex.stage.value}", 0) + 1
+        for reason, n in out.guidance_rejected.items():
+            if n:
+                counters[f"g:{reason}"] = counters.get(f"g:{reason}", 0) + n
     return counters
 
 
@@ -322,6 +326,7 @@ class JobStore:
             examples=examples,
             examples_total=sum(examples.values()),
             generated_tokens=num("generated_tokens"),
+            guidance_rejected={r: num(f"g:{r}") for r in REASONS},
             policy_versions=sorted(int(_text(v)) for v in versions),
             errors=[ROW_ERROR.validate_json(e) for e in errors],
             error=h.get("error") or None,

@@ -4,16 +4,22 @@ The pipeline never references vLLM, Redis or HTTP: the offline CLI and the servi
 `Engine` and a `Grader` and get `ProblemOutcome`s back.
 
 Scheduling: each problem runs as its own coroutine (its self rounds, its guided rounds if it is still
-unsolved, the expert fallback, then scoring its kept responses), and all problems of a batch run
-concurrently. There is no barrier between problems: a problem whose round is done is graded at once and
-sends its next request (next round, next stage, or scoring) while the others are still sampling. The
-engine's continuous batching then batches whatever is in flight (one problem's guided re-solving beside
-another's self samples and a third's scoring) instead of idling at every round while the batch's
-longest response finishes. Each problem grades its own round (`Grader.grade_batch`, which serialises
-concurrent calls on its process pool; grading takes milliseconds, sampling seconds).
+unsolved, the expert fallback, then scoring its kept responses when `params.score` asks), and all
+problems of a batch run concurrently. There is no barrier between problems: a problem whose round is
+done is graded at once and sends its next request (next round, next stage, or scoring) while the others
+are still sampling. The engine's continuous batching then batches whatever is in flight (one problem's
+guided re-solving beside another's self samples and a third's scoring) instead of idling at every round
+while the batch's longest response finishes. Each problem grades its own samples (`Grader.grade_batch`,
+which serialises concurrent calls on its process pool; grading takes milliseconds, sampling seconds).
 
-Prefix sharing: the samples of one prompt in a round are one request with `n` samples. vLLM runs them
-as `n` sequences that share the prompt's KV blocks through prefix caching (on by default:
+A round ends at its first keeper: the samples of a round stream out of the engine as each finishes
+(`Engine.stream`), each is graded as it arrives, and once the problem holds `keep` correct responses the
+samples still running are aborted and the problem goes on to its next step. Their tokens still count in
+`generated_tokens` (the engine spent them), as `aborted` samples rather than attempts. Which problems
+reach which stage does not change: a stage is left early only once it has produced what it would keep.
+
+Prefix sharing: the samples of one prompt in a round are sent together. vLLM runs them as `n` sequences
+that share the prompt's KV blocks through prefix caching (on by default:
 `EngineConfig.enable_prefix_caching`), and a later round of the same prompt reuses the blocks while
 they are cached. Only full blocks are shared (16 tokens on a GPU, 128 on CPU, where a plain prompt
 shorter than a block is computed per sample, which costs little next to decoding). Scoring requests
@@ -22,13 +28,20 @@ always recompute their prompt: vLLM skips the prefix cache for a request that as
 Decisions the design notes leave open, made here:
 - A response that did not finish (cut at `max_tokens`, or aborted) is never kept: its final answer may
   be mid-thought even when it happens to match. It is counted as `truncated_rejected`.
+- A response is kept only when it states its final answer explicitly (`\\boxed{}` or an answer phrase,
+  `shared.grading.states_final_answer`) and that answer is right: evaluation's last-number fallback
+  would grade "Step 2: 4 more. Total unknown." correct for gold 4. Finished responses without an
+  explicit answer are not graded and are counted as `no_answer_rejected`.
 - Sampling runs in `params.rounds` rounds per stage; a problem that already holds `keep` correct
-  responses is not sampled again (early stop). Stage 2 runs only for problems with no correct self sample.
+  responses is not sampled again (early stop), and its round in flight is aborted. Stage 2 runs only
+  for problems with no correct self sample.
 - Guidance modes `solution` and `hint` need a reference solution; a problem without one is guided with
   its gold answer (`answer` mode) instead, and `meta.guidance` records the mode actually used.
 - Expert fallback uses the reference solution; a problem with only an answer falls back to the answer
   text itself (the dataset's own demonstration, not a made-up one). A problem with neither yields no
-  example and is counted as dropped.
+  example and is counted as dropped. `params.expert_format = "boxed"` rewrites the demonstration in the
+  solve prompt's convention (`shared.prompts.expert_text`); its completion ends with the chat template's
+  end-of-turn token like a sampled one (`Engine.encode_completion`).
 - A problem whose gold answer cannot be determined is not sampled: it goes straight to the expert
   fallback with grade `ungradable`.
 - A request the engine refuses (`RequestRejected`: a guided prompt or an expert solution longer than
@@ -40,16 +53,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rich.table import Table
 
 from services.engine import Engine, RequestRejected, Sample, SamplingConfig
-from shared.config import GuidanceMode, StageParams
+from services.guidance_filter import (
+    REASONS,
+    GuidanceCheck,
+    GuidanceContext,
+    GuidanceLimits,
+    guidance_context,
+    limits_of,
+    logprob_gain,
+    text_check,
+    with_likelihood,
+)
+from shared.config import ExpertFormat, GuidanceMode, StageParams
 from shared.dataio import RECORD_META
-from shared.grading import Grader, extract_gold, extract_prediction
-from shared.prompts import guided_messages, leak_reason, solve_messages
+from shared.grading import Grader, extract_gold, extract_prediction, states_final_answer
+from shared.prompts import expert_text, guided_messages, solve_messages
 from shared.schema import ChatMessage, Example, Grade, Problem, Sampling, Stage, example_id, wire_logprobs
 
 STAGES = (Stage.SELF, Stage.GUIDED, Stage.EXPERT)
@@ -68,8 +92,11 @@ class ProblemOutcome:
     guided_attempts: int = 0
     self_correct: int = 0
     guided_correct: int = 0
-    leaks_rejected: int = 0
+    # correct guided responses the guidance-dependence filter rejected, per reason (services.guidance_filter)
+    guidance_rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     truncated_rejected: int = 0
+    no_answer_rejected: int = 0  # finished responses that never state their final answer explicitly
+    aborted: int = 0  # samples stopped once the problem held `keep` (not attempts: never graded)
     guidance: GuidanceMode | None = None
     rejected: list[str] = field(default_factory=list)  # requests the engine refused, with the reason
 
@@ -85,6 +112,8 @@ class _Kept:
     grade: Grade
     finish_reason: str | None = None
     source: str | None = None  # expert only: "solution" or "answer"
+    guidance_check: GuidanceCheck | None = None  # guided only, when the filter is on
+    target: list[float] | None = None  # its plain-prompt scores when the filter already took them
 
 
 @dataclass
@@ -96,6 +125,7 @@ class _Work:
     plain_prompt: list[int]
     kept: list[_Kept] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    guidance: GuidanceContext | None = None  # set when stage 2 runs
 
     @property
     def problem(self) -> Problem:
@@ -146,6 +176,7 @@ async def _rewrite_problem(
             # Stage 2: guided re-solving, only without a correct self sample.
             mode = params.guidance if w.problem.solution else "answer"
             w.outcome.guidance = mode
+            w.guidance = guidance_context(w.problem.question, w.problem.solution, w.gold, mode, params.hint_fraction)
             guided_prompt = engine.render_prompt(
                 guided_messages(w.problem.question, w.problem.solution, w.gold, mode, params.hint_fraction)
             )
@@ -153,14 +184,14 @@ async def _rewrite_problem(
 
     # Stage 3: the expert demonstration, when nothing else was kept.
     if not w.kept and (w.outcome.ungradable or params.expert_fallback):
-        expert = _expert_response(w, engine)
+        expert = _expert_response(w, engine, params.expert_format)
         if expert is not None:
             w.kept.append(expert)
 
     # target_logprobs, only when the job asks: every kept response scored on the training prompt.
     scores: Sequence[list[float] | BaseException | None] = [None] * len(w.kept)
     if params.score:
-        calls = (engine.score(w.plain_prompt, k.token_ids) for k in w.kept)
+        calls = (_target(engine, w.plain_prompt, k) for k in w.kept)
         scores = await asyncio.gather(*calls, return_exceptions=True)
     # Every stage of one problem samples with the same temperature and top-p.
     sampling = Sampling(temperature=params.temperature, top_p=params.top_p)
@@ -174,6 +205,11 @@ async def _rewrite_problem(
     w.outcome.stage = w.outcome.examples[0].stage if w.outcome.examples else None
 
 
+async def _target(engine: Engine, prompt: list[int], kept: _Kept) -> list[float]:
+    """`kept` scored on the training prompt (the guidance filter may have done so already)."""
+    return kept.target if kept.target is not None else await engine.score(prompt, kept.token_ids)
+
+
 async def _sample_stage(
     w: _Work,
     stage: Stage,
@@ -184,64 +220,106 @@ async def _sample_stage(
     grader: Grader,
 ) -> None:
     """Sample `total` responses to `prompt` in rounds, grade them, and keep up to `params.keep` distinct."""
-    out = w.outcome
     for n in round_sizes(total, params.rounds):
         if len(w.kept) >= params.keep:
             return
         sampling = SamplingConfig(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
         try:
-            samples = await engine.generate(prompt, sampling)
+            await _sample_round(w, stage, prompt, sampling, params, engine, grader)
         except RequestRejected as exc:
-            out.rejected.append(f"{stage.value} prompt: {exc}")
+            w.outcome.rejected.append(f"{stage.value} prompt: {exc}")
             return  # the same prompt would be refused again: this stage is over for the problem
-        out.generated_tokens += sum(len(s.token_ids) for s in samples)
-        if stage is Stage.SELF:
-            out.self_attempts += len(samples)
-        else:
-            out.guided_attempts += len(samples)
-        finished = [s for s in samples if s.finish_reason == "stop"]
-        out.truncated_rejected += len(samples) - len(finished)
-        verdicts = await grader.grade_batch([(s.text, w.gold or "") for s in finished]) if finished else []
-        for s, correct in zip(finished, verdicts, strict=True):
+
+
+async def _sample_round(
+    w: _Work,
+    stage: Stage,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    params: StageParams,
+    engine: Engine,
+    grader: Grader,
+) -> None:
+    """One round: grade each sample as it finishes, and abort the rest once the problem holds `keep`."""
+    out = w.outcome
+    async with engine.stream(prompt, sampling) as samples:
+        async for s in samples:
+            out.generated_tokens += len(s.token_ids)
+            if stage is Stage.SELF:
+                out.self_attempts += 1
+            else:
+                out.guided_attempts += 1
+            if s.finish_reason != "stop":
+                out.truncated_rejected += 1
+                continue
+            if not states_final_answer(s.text):
+                out.no_answer_rejected += 1
+                continue
+            (correct,) = await grader.grade_batch([(s.text, w.gold or "")])
             if correct:
-                _consider(w, s, stage, params.keep)
+                await _consider(w, s, stage, prompt, params, engine)
+            if len(w.kept) >= params.keep:
+                # The tokens already spent on the samples still running count; grading them cannot
+                # change what is kept.
+                cut = await samples.abort()
+                out.generated_tokens += sum(len(c.token_ids) for c in cut)
+                out.aborted += len(cut)
+                return
 
 
-def _consider(w: _Work, s: Sample, stage: Stage, keep: int) -> None:
-    """Count a correct response and keep it if it does not leak, is new, and `keep` is not reached."""
+async def _consider(w: _Work, s: Sample, stage: Stage, prompt: list[int], params: StageParams, engine: Engine) -> None:
+    """Count a correct response and keep it if it is new, `keep` is not reached and, for a guided one,
+    it does not lean on the guidance."""
     out = w.outcome
     if stage is Stage.SELF:
         out.self_correct += 1
     else:
         out.guided_correct += 1
-        if leak_reason(s.text, w.problem.solution, w.problem.question) is not None:
-            out.leaks_rejected += 1
-            return
     text_key = s.text.strip()
-    if text_key in w.seen or len(w.kept) >= keep:
+    if text_key in w.seen or len(w.kept) >= params.keep:
         return
     w.seen.add(text_key)
-    w.kept.append(
-        _Kept(
-            stage=stage,
-            text=s.text,
-            token_ids=list(s.token_ids),
-            behavior_logprobs=list(s.logprobs),
-            grade="correct",
-            finish_reason=s.finish_reason,
-        )
+    kept = _Kept(
+        stage=stage,
+        text=s.text,
+        token_ids=list(s.token_ids),
+        behavior_logprobs=list(s.logprobs),
+        grade="correct",
+        finish_reason=s.finish_reason,
     )
+    if stage is Stage.GUIDED and w.guidance is not None and params.guidance_filter:
+        try:
+            kept = await _check_guidance(w, kept, w.guidance, prompt, limits_of(params), engine)
+        except RequestRejected as exc:
+            out.rejected.append(f"scoring the guided response for the guidance check: {exc}")
+            return
+        if kept.guidance_check is not None and kept.guidance_check.reason is not None:
+            out.guidance_rejected[kept.guidance_check.reason] += 1
+            return
+    w.kept.append(kept)
 
 
-def _expert_response(w: _Work, engine: Engine) -> _Kept | None:
-    """The expert demonstration (solution, else the bare answer), or None when the row has neither."""
+async def _check_guidance(
+    w: _Work, kept: _Kept, ctx: GuidanceContext, guided_prompt: list[int], limits: GuidanceLimits, engine: Engine
+) -> _Kept:
+    """`kept` with its guidance check. The text signals first; only a response they pass is scored on
+    both prompts (temperature 1) for the likelihood signal, and its plain scores are kept as its target."""
+    check = text_check(kept.text, ctx, limits)
+    if check.reason is not None or limits.max_logprob_gain is None:
+        return replace(kept, guidance_check=check)
+    plain, guided = await asyncio.gather(
+        engine.score(w.plain_prompt, kept.token_ids), engine.score(guided_prompt, kept.token_ids)
+    )
+    return replace(kept, guidance_check=with_likelihood(check, logprob_gain(plain, guided), limits), target=plain)
+
+
+def _expert_response(w: _Work, engine: Engine, fmt: ExpertFormat) -> _Kept | None:
+    """The expert demonstration (solution, else the bare answer) in `fmt`, or None when the row has neither."""
     p = w.problem
-    if p.solution:
-        text, source = p.solution, "solution"
-    elif p.answer:
-        text, source = p.answer, "answer"
-    else:
+    text = expert_text(p.solution, p.answer, w.gold, fmt)
+    if text is None:
         return None
+    source = "solution" if p.solution else "answer"
     return _Kept(
         stage=Stage.EXPERT,
         text=text,
@@ -261,14 +339,17 @@ def _example(
         "guidance": out.guidance,
         "self_attempts": out.self_attempts,
         "guided_attempts": out.guided_attempts,
-        "leaks_rejected": out.leaks_rejected,
+        "guidance_rejected": dict(out.guidance_rejected),
         "truncated_rejected": out.truncated_rejected,
+        "no_answer_rejected": out.no_answer_rejected,
         "finish_reason": kept.finish_reason,
     }
     if kept.stage is Stage.EXPERT:
         meta["source"] = kept.source
     else:
-        meta["predicted"] = extract_prediction(kept.text)
+        meta["predicted"] = extract_prediction(kept.text, strict=True)
+    if kept.guidance_check is not None:
+        meta["guidance_check"] = kept.guidance_check.to_meta()
     meta |= {key: w.problem.meta[key] for key in RECORD_META if key in w.problem.meta}
     return Example(
         id=example_id(id_salt, w.problem.id, kept.stage.value, index),
@@ -300,8 +381,11 @@ class Summary:
     skipped_rows: int = 0  # input rows rejected before the pipeline (bad JSON, no question, …)
     response_tokens: int = 0
     generated_tokens: int = 0
-    leaks_rejected: int = 0
+    # correct guided responses rejected for leaning on the guidance, per reason
+    guidance_rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     truncated_rejected: int = 0
+    no_answer_rejected: int = 0  # finished responses without an explicit final answer
+    aborted_samples: int = 0  # samples stopped once their problem held `keep`
     rejected_requests: int = 0  # requests the engine refused (too long for the context)
     wall_seconds: float = 0.0
 
@@ -317,8 +401,11 @@ class Summary:
         for out in outcomes:
             self.problems += 1
             self.generated_tokens += out.generated_tokens
-            self.leaks_rejected += out.leaks_rejected
+            for reason, n in out.guidance_rejected.items():
+                self.guidance_rejected[reason] += n
             self.truncated_rejected += out.truncated_rejected
+            self.no_answer_rejected += out.no_answer_rejected
+            self.aborted_samples += out.aborted
             self.rejected_requests += len(out.rejected)
             if out.stage is None:
                 self.dropped += 1
@@ -364,8 +451,10 @@ class Summary:
             "ungradable": self.ungradable,
             "dropped": self.dropped,
             "skipped_rows": self.skipped_rows,
-            "leaks_rejected": self.leaks_rejected,
+            "guidance_rejected": dict(self.guidance_rejected),
             "truncated_rejected": self.truncated_rejected,
+            "no_answer_rejected": self.no_answer_rejected,
+            "aborted_samples": self.aborted_samples,
             "rejected_requests": self.rejected_requests,
             "mean_response_tokens": round(self.mean_response_tokens, 2),
             "generated_tokens": self.generated_tokens,
@@ -387,10 +476,14 @@ class Summary:
         table.add_row("of which ungradable", str(self.ungradable), "", "")
         table.add_row("dropped (no example)", str(self.dropped), "", "")
         table.add_row("skipped input rows", str(self.skipped_rows), "", "")
+        rejected = " · ".join(f"{reason} {n}" for reason, n in self.guidance_rejected.items())
+        table.add_row("guided rejected, leaning on the guidance", str(sum(self.guidance_rejected.values())), "", "")
         table.caption = (
             f"mean response {self.mean_response_tokens:.1f} tokens · generated {self.generated_tokens} tokens"
-            f" in {self.wall_seconds:.1f} s ({self.tokens_per_second:.1f} tok/s) · leaks rejected"
-            f" {self.leaks_rejected} · truncated rejected {self.truncated_rejected} · requests refused by the"
+            f" in {self.wall_seconds:.1f} s ({self.tokens_per_second:.1f} tok/s) · guided responses leaning on"
+            f" the guidance: {rejected} · truncated rejected {self.truncated_rejected} · no explicit answer"
+            f" {self.no_answer_rejected} · aborted once solved"
+            f" {self.aborted_samples} · requests refused by the"
             f" engine {self.rejected_requests}"
         )
         return table

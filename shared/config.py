@@ -57,6 +57,33 @@ class StageParams(BaseModel):
         description="expert demonstrations as written (raw) or in the solve prompt's convention (boxed: GSM8K"
         " calculator notes <<…>> removed, a final `#### X` written as \\boxed{X}, a bare answer boxed)",
     )
+    guidance_filter: bool = Field(
+        True,
+        description="reject correct guided responses that lean on the guidance (docs/pipeline.md, 'the"
+        " guidance-dependence filter'); the four signals below",
+    )
+    guidance_echo_words: int = Field(
+        4,
+        ge=0,
+        description="reject a guided response repeating this many consecutive words of the guided prompt's"
+        " own wording (its framing and instruction, not in the plain prompt); 0 = off",
+    )
+    guidance_copy_words: int = Field(
+        12,
+        ge=0,
+        description="reject a guided response copying this many consecutive words of the reference"
+        " solution or hint shown (spans of the question excepted); 0 = off",
+    )
+    guidance_answer_first: bool = Field(
+        True, description="reject a guided response that states the (numeric) gold answer before any work"
+    )
+    guidance_max_logprob_gain: float | None = Field(
+        0.5,
+        gt=0.0,
+        description="reject a guided response whose tokens are on average more than this many nats more likely"
+        " after the guided prompt than after the plain one (temperature 1; two scoring passes per correct"
+        " guided response the text signals pass); null = off",
+    )
     score: bool = Field(
         False,
         description="score every kept response on the training prompt (the records' target_logprobs); costs"

@@ -109,6 +109,11 @@ class JobStatus(BaseModel):
     examples: dict[str, int] = Field(description="examples per stage")
     examples_total: int
     generated_tokens: int
+    guidance_rejected: dict[str, int] = Field(
+        default_factory=dict,
+        description="correct guided responses rejected for leaning on the guidance, per reason (echo, copy,"
+        " answer_first, likelihood; docs/pipeline.md)",
+    )
     policy_versions: list[int] = Field(description="policy versions that made this job's examples")
     errors: list[RowError] = Field(description="rejected rows with their line numbers (first 100)")
     error: str | None = Field(None, description="why chunks failed (dead-lettered), if any did")

@@ -108,24 +108,85 @@ async def test_guided_answer_mode_and_missing_solution_fall_back_to_answer(grade
     assert out.stage is Stage.GUIDED and out.guidance == "answer"
 
 
-async def test_leaking_guided_response_is_rejected(grader: Grader) -> None:
-    leaky = "As the reference solution says, the sum is \\boxed{5}."
-    clean = "Counting up from two by three, one step at a time, gives \\boxed{5}."  # finishes after the leak
-    engine = FakeEngine(scripted({"Reference solution": [leaky, clean], QUESTION: ["\\boxed{6}"]}))
-    (out,) = await run(engine, grader, [problem()], resolve_attempts=2)
-    assert out.leaks_rejected == 1 and out.guided_correct == 2
-    assert [e.response for e in out.examples] == [clean]
-    assert out.examples[0].meta["leaks_rejected"] == 1
+class LeaningEngine(FakeEngine):
+    """A fake under which the responses in `leaning` are far likelier after the guided prompt than the plain."""
+
+    def __init__(self, script: Script, leaning: Sequence[str], gain: float = 2.0) -> None:
+        super().__init__(script)
+        self.leaning = set(leaning)
+        self.gain = gain
+
+    async def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
+        scores = await super().score(prompt_ids, completion_ids)
+        if self.decode(completion_ids) in self.leaning and "Reference solution" in self.decode(prompt_ids):
+            return [min(0.0, s + self.gain) for s in scores]
+        return scores
 
 
-async def test_copying_the_solution_is_a_leak(grader: Grader) -> None:
-    solution = (
-        "First we note that the number of apples in the basket equals the number that were picked "
-        "in the morning plus those picked later, so 2 + 3 = 5.\n#### 5"
+# Longer than every leaning response: the fake finishes (and the pipeline grades) shorter samples first.
+CLEAN = (
+    "Two plus three: start at 2 and count up by 3 more steps, one at a time, which gives 3, then 4, then 5."
+    " So the sum is \\boxed{5}."
+)
+LEANING = {
+    "echo": "Here is my own complete solution to the problem: 2 + 3 = 5, so \\boxed{5}.",
+    "copy": "Two and three make 2 + 3 = 5, so \\boxed{5}.",  # with the solution below
+    "answer_first": "5. To check it, 2 + 3 = 5, so \\boxed{5}.",
+    "likelihood": "Two plus three gives 2 + 3 = 5, which is \\boxed{5}.",
+}
+LONG_SOLUTION = "Two and three make five because counting on from two by three more steps lands on five.\n#### 5"
+
+
+@pytest.mark.parametrize("reason", list(LEANING))
+async def test_guidance_filter_rejects_each_kind_of_leaning(grader: Grader, reason: str) -> None:
+    leaning = LEANING[reason]
+    if reason == "copy":
+        leaning = "Two and three make five because counting on from two by three more steps lands on \\boxed{5}."
+    script = scripted({"Reference solution": [leaning, CLEAN], QUESTION: ["\\boxed{6}"]})
+    engine = LeaningEngine(script, [leaning])
+    (out,) = await run(engine, grader, [problem(solution=LONG_SOLUTION)], resolve_attempts=2)
+    assert out.guided_correct == 2 and out.guidance_rejected == {r: int(r == reason) for r in LEANING}
+    (ex,) = out.examples
+    assert ex.response == CLEAN and ex.stage is Stage.GUIDED
+    assert ex.meta["guidance_rejected"] == out.guidance_rejected
+    check = ex.meta["guidance_check"]
+    assert check["reason"] is None and check["answer_first"] is False and check["logprob_gain"] < 0.5
+    # the plain-prompt scores the check took are the record's target (no third scoring pass)
+    plain = engine.render_prompt(solve_messages(QUESTION))
+    assert ex.target_logprobs == pytest.approx(await engine.score(plain, ex.completion_token_ids), abs=1e-7)
+    summary = Summary.from_outcomes([out])
+    assert summary.guidance_rejected[reason] == 1 and summary.to_dict()["guidance_rejected"][reason] == 1
+
+
+@pytest.mark.parametrize("reason", list(LEANING))
+async def test_guidance_filter_off_keeps_leaning_responses(grader: Grader, reason: str) -> None:
+    script = scripted({"Reference solution": [LEANING[reason]], QUESTION: ["\\boxed{6}"]})
+    engine = LeaningEngine(script, [LEANING[reason]])
+    (out,) = await run(engine, grader, [problem(solution=LONG_SOLUTION)], resolve_attempts=1, guidance_filter=False)
+    assert out.stage is Stage.GUIDED and sum(out.guidance_rejected.values()) == 0
+    assert "guidance_check" not in out.examples[0].meta
+
+
+async def test_guidance_filter_scores_only_what_the_text_passes(grader: Grader) -> None:
+    # Text-rejected responses cost no scoring; a response the text passes is scored once on each prompt,
+    # and with `score` off its record carries no target even though the check scored it.
+    echo = LEANING["echo"]
+    script = scripted({"Reference solution": [echo, CLEAN], QUESTION: ["\\boxed{6}"]})
+    engine = FakeEngine(script)
+    (out,) = await run(engine, grader, [problem()], k=1, resolve_attempts=2, score=False)
+    assert out.guidance_rejected["echo"] == 1 and [e.response for e in out.examples] == [CLEAN]
+    scored = [c.prompt for c in engine.calls if c.kind == "score"]
+    assert len(scored) == 2 and sum("Reference solution" in p for p in scored) == 1
+    assert out.examples[0].target_logprobs is None
+    assert out.examples[0].meta["guidance_check"]["logprob_gain"] is not None
+
+
+async def test_a_response_that_only_concludes_with_the_answer_is_not_answer_first(grader: Grader) -> None:
+    engine = FakeEngine(
+        scripted({"Reference solution": ["Adding two and three gives \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
     )
-    engine = FakeEngine(scripted({"Reference solution": [solution], QUESTION: ["\\boxed{6}"]}))
-    (out,) = await run(engine, grader, [problem(solution=solution)], resolve_attempts=2)
-    assert out.leaks_rejected == 2 and out.stage is Stage.EXPERT
+    (out,) = await run(engine, grader, [problem()], resolve_attempts=1)
+    assert out.stage is Stage.GUIDED and out.examples[0].meta["guidance_check"]["answer_first"] is False
 
 
 async def test_fallback_to_expert(grader: Grader) -> None:
@@ -321,7 +382,9 @@ async def test_no_barrier_between_problems(grader: Grader) -> None:
         slow=SLOW,
     )
     problems = [problem("fast"), problem("slow", SLOW, "1 + 1 = 2\n#### 2", "2")]
-    fast, slow = await asyncio.wait_for(run(engine, grader, problems, k=2, resolve_attempts=2, rounds=2), 20)
+    # guidance filter off: its scoring passes would interleave with the log this test is about
+    runs = run(engine, grader, problems, k=2, resolve_attempts=2, rounds=2, guidance_filter=False)
+    fast, slow = await asyncio.wait_for(runs, 20)
     assert engine.log == ["self fast", "self fast", "guided fast", "score fast", "self slow", "score slow"]
     assert fast.stage is Stage.GUIDED and fast.self_attempts == 2 and fast.guided_attempts == 1
     assert slow.stage is Stage.SELF and slow.self_attempts == 1
@@ -385,7 +448,8 @@ async def test_scoring_only_when_asked(grader: Grader, score: bool) -> None:
     problems = [problem(f"q{a}", f"What is {a}+0?", f"{a} + 0 = {a}\n#### {a}", str(a)) for a in (2, 3)]
     problems.append(problem("x", "What is 1+0?", "Add nothing to one.", None))  # ungradable: expert only
     engine = FakeEngine()
-    outcomes = await rewrite_batch(problems, engine, grader, params(score=score, top_p=0.9))
+    # the guidance filter's own scoring is tested in test_guidance_filter_scores_only_what_the_text_passes
+    outcomes = await rewrite_batch(problems, engine, grader, params(score=score, top_p=0.9, guidance_filter=False))
     examples = [e for out in outcomes for e in out.examples]
     assert {e.stage for e in examples} >= {Stage.SELF, Stage.GUIDED, Stage.EXPERT}
     scored = [c for c in engine.calls if c.kind == "score"]

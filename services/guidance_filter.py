@@ -1,0 +1,196 @@
+"""The guidance-dependence filter: whether a correct guided response stands on its own.
+
+A guided response is trained on under the plain prompt, as if the policy had solved the problem. One
+that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Four signals,
+each a pure function here, with thresholds in `StageParams` (defaults measured on the labelled set in
+experiments/guidance_filter/, see docs/pipeline.md):
+
+- `echo`: the response repeats the guided prompt's own wording (the guidance's framing, e.g. "The
+  correct final answer is", and the guided instruction, e.g. "write your own complete solution") for
+  `guidance_echo_words` or more consecutive words that the plain prompt does not contain.
+- `copy`: it copies `guidance_copy_words` or more consecutive words of the reference solution or hint
+  shown (spans that also occur in the question do not count).
+- `answer_first`: it states the gold answer first and works towards it afterwards: no equation,
+  operator or number of the question comes before the answer's first appearance, and one comes after it
+  ("15 To solve the problem, 7 + 8 = 15…", "Since the answer is 10, 3 + 7…"). A response that only
+  concludes with its answer ("Adding two and three gives 5.") is not caught. Checked for numeric gold
+  answers that do not occur in the question.
+- `likelihood`: its tokens are on average more than `guidance_max_logprob_gain` nats more likely after
+  the guided prompt than after the plain one, both scored at temperature 1: it only makes sense with
+  the guidance in view. This one needs two scoring passes, so it runs last and only for responses the
+  text signals pass.
+
+Words are lower-case alphabetic runs: numbers, symbols, LaTeX commands and GSM8K calculator notes are
+dropped, so restating the problem's numbers never counts as an echo or a copy.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from shared.config import GuidanceMode, StageParams
+from shared.prompts import guided_messages, hint_prefix, solve_messages
+
+GuidanceReason = Literal["echo", "copy", "answer_first", "likelihood"]
+REASONS: tuple[GuidanceReason, ...] = ("echo", "copy", "answer_first", "likelihood")
+
+_NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+# What counts as work before an answer: an equation or an operator between operands.
+_WORK = re.compile(r"=|[+*/×÷^]|\d\s*[-x]\s*\d|\\(?:times|cdot|div|frac|dfrac|sqrt)\b")
+
+
+@dataclass(frozen=True)
+class GuidanceContext:
+    """What a guided response is checked against: the two prompts' texts and what the guidance showed."""
+
+    question: str
+    plain_text: str  # the plain prompt's user text
+    guided_text: str  # the guided prompt's user text
+    shown: str  # the guidance body: the reference solution, the hint, or the answer
+    gold: str
+
+
+@dataclass(frozen=True)
+class GuidanceLimits:
+    """The filter's thresholds (`StageParams.guidance_*`); 0 or None turns a signal off."""
+
+    echo_words: int
+    copy_words: int
+    answer_first: bool
+    max_logprob_gain: float | None
+
+
+@dataclass(frozen=True)
+class GuidanceCheck:
+    """The filter's scores for one response and the first reason it is rejected (None: kept)."""
+
+    echo_words: int  # longest run of the guided prompt's own wording repeated
+    copy_words: int  # longest run of the guidance body copied
+    answer_first: bool  # the gold answer stated before any work
+    logprob_gain: float | None = None  # mean per-token log p(guided) - log p(plain); None: not scored
+    reason: GuidanceReason | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        """The check as the record's `meta.guidance_check`."""
+        meta = asdict(self)
+        if self.logprob_gain is not None:
+            meta["logprob_gain"] = round(self.logprob_gain, 4)
+        return meta
+
+
+def guidance_context(
+    question: str, solution: str | None, gold: str, mode: GuidanceMode, hint_fraction: float
+) -> GuidanceContext:
+    """The context of a problem's guided prompt, built as stage 2 builds it (same fallbacks)."""
+    guided = guided_messages(question, solution, gold, mode, hint_fraction)[0].content
+    if mode == "solution" and solution:
+        shown = solution.strip()
+    elif mode == "hint" and solution:
+        shown = hint_prefix(solution, hint_fraction)
+    else:
+        shown = gold
+    return GuidanceContext(question, solve_messages(question)[0].content, guided, shown, gold)
+
+
+def limits_of(params: StageParams) -> GuidanceLimits:
+    """The filter's limits from a job's stage parameters."""
+    return GuidanceLimits(
+        echo_words=params.guidance_echo_words,
+        copy_words=params.guidance_copy_words,
+        answer_first=params.guidance_answer_first,
+        max_logprob_gain=params.guidance_max_logprob_gain,
+    )
+
+
+def words(text: str) -> list[str]:
+    """The prose words of `text`, lower case (see the module docstring)."""
+    text = re.sub(r"<<[^<>]*>>", " ", text)
+    text = re.sub(r"\\[a-zA-Z]+", " ", text)
+    return re.findall(r"[a-z]+", text.lower())
+
+
+def _spans(segments: Iterable[Sequence[str]], n: int) -> set[tuple[str, ...]]:
+    return {tuple(seg[i : i + n]) for seg in segments for i in range(len(seg) - n + 1)}
+
+
+def longest_shared_span(
+    response: Sequence[str], source: Sequence[Sequence[str]], exclude: Sequence[Sequence[str]] = ()
+) -> int:
+    """The most consecutive words of `response` that occur together in a segment of `source` but not
+    in any segment of `exclude`."""
+    longest = max((len(seg) for seg in source), default=0)
+    for n in range(min(longest, len(response)), 0, -1):
+        shared = _spans([response], n) & _spans(source, n)
+        if shared - _spans(exclude, n):
+            return n
+    return 0
+
+
+def _framing(ctx: GuidanceContext) -> list[list[str]]:
+    """The guided prompt's own words: its text with the question and the guidance body cut out."""
+    text = ctx.guided_text
+    for part in (ctx.question.strip(), ctx.shown.strip()):
+        if part:
+            text = text.replace(part, "\x00")
+    return [words(seg) for seg in text.split("\x00")]
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").replace("$", "").strip())
+    except ValueError:
+        return None
+
+
+def _has_work(text: str, question_numbers: set[float]) -> bool:
+    numbers = (_as_number(m.group(0)) for m in _NUMBER.finditer(text))
+    return _WORK.search(text) is not None or any(v in question_numbers for v in numbers)
+
+
+def answer_before_work(response: str, question: str, gold: str) -> bool:
+    """Whether `response` states the numeric `gold` before the work that leads to it (module docstring)."""
+    target = _as_number(gold)
+    if target is None:
+        return False
+    question_numbers = {v for m in _NUMBER.finditer(question) if (v := _as_number(m.group(0))) is not None}
+    if target in question_numbers:
+        return False  # a restated question number cannot be told from a stated answer
+    first = next((m for m in _NUMBER.finditer(response) if _as_number(m.group(0)) == target), None)
+    if first is None:
+        return False
+    return not _has_work(response[: first.start()], question_numbers) and _has_work(
+        response[first.end() :], question_numbers
+    )
+
+
+def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> GuidanceCheck:
+    """The text signals of `response` and the first one over its limit."""
+    said = words(response)
+    echo = longest_shared_span(said, _framing(ctx), [words(ctx.plain_text)])
+    copy = longest_shared_span(said, [words(ctx.shown)], [words(ctx.question)]) if ctx.shown != ctx.gold else 0
+    first = answer_before_work(response, ctx.question, ctx.gold)
+    reason: GuidanceReason | None = None
+    if limits.echo_words and echo >= limits.echo_words:
+        reason = "echo"
+    elif limits.copy_words and copy >= limits.copy_words:
+        reason = "copy"
+    elif limits.answer_first and first:
+        reason = "answer_first"
+    return GuidanceCheck(echo_words=echo, copy_words=copy, answer_first=first, reason=reason)
+
+
+def logprob_gain(plain: Sequence[float], guided: Sequence[float]) -> float:
+    """Mean per-token log-prob gain of a response from the plain prompt to the guided one (nats)."""
+    if len(plain) != len(guided) or not plain:
+        raise ValueError(f"need two aligned non-empty score lists, got {len(plain)} and {len(guided)}")
+    return sum(g - p for p, g in zip(plain, guided, strict=True)) / len(plain)
+
+
+def with_likelihood(check: GuidanceCheck, gain: float, limits: GuidanceLimits) -> GuidanceCheck:
+    """`check` with its log-prob gain, rejected for `likelihood` when the gain is over the limit."""
+    over = limits.max_logprob_gain is not None and gain > limits.max_logprob_gain
+    reason = check.reason or ("likelihood" if over else None)
+    return GuidanceCheck(check.echo_words, check.copy_words, check.answer_first, gain, reason)

@@ -1,0 +1,146 @@
+"""The guidance-dependence filter's signals as pure functions, and its counters in a job's status."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.guidance_filter import (
+    REASONS,
+    GuidanceCheck,
+    GuidanceLimits,
+    answer_before_work,
+    guidance_context,
+    limits_of,
+    logprob_gain,
+    text_check,
+    with_likelihood,
+)
+from services.job_store import JobStore, outcome_counters
+from services.pipeline import ProblemOutcome
+from shared.config import StageParams
+from shared.keys import Keys
+from shared.schema import Problem
+from shared.wire import JobSpec
+
+QUESTION = "Janet has 16 eggs. She eats 3 and bakes with 4. How many eggs are left?"
+SOLUTION = (
+    "Janet starts with sixteen eggs and uses three for breakfast and four for baking, which leaves her with "
+    "16 - 3 - 4 = <<16-3-4=9>>9 eggs.\n#### 9"
+)
+LIMITS = limits_of(StageParams())
+
+
+def check(response: str, mode: str = "solution") -> GuidanceCheck:
+    ctx = guidance_context(QUESTION, SOLUTION, "9", mode, 0.5)  # type: ignore[arg-type]
+    return text_check(response, ctx, LIMITS)
+
+
+CLEAN = "She eats 3 and bakes with 4, so she uses 3 + 4 = 7 eggs. Then 16 - 7 = 9 eggs are left. \\boxed{9}"
+
+
+@pytest.mark.parametrize("mode", ["solution", "answer", "hint"])
+def test_a_clean_solution_passes_every_text_signal(mode: str) -> None:
+    result = check(CLEAN, mode)
+    assert result.reason is None and result.answer_first is False
+    assert result.echo_words < LIMITS.echo_words and result.copy_words < LIMITS.copy_words
+
+
+@pytest.mark.parametrize(
+    ("response", "mode"),
+    [
+        ("The correct final answer is 9, since 16 - 3 - 4 = 9. \\boxed{9}", "answer"),
+        ("Now I write my own complete solution to the problem: 16 - 7 = 9. \\boxed{9}", "answer"),
+        ("Do not mention or refer to the reference solution. 16 - 7 = 9, \\boxed{9}", "solution"),
+    ],
+)
+def test_echoing_the_guided_prompt_is_rejected(response: str, mode: str) -> None:
+    result = check(response, mode)
+    assert result.reason == "echo" and result.echo_words >= LIMITS.echo_words
+
+
+def test_words_the_plain_prompt_also_has_are_not_an_echo() -> None:
+    # "reason step by step" and "put your final answer within" are in both prompts
+    result = check("Let me reason step by step and put your final answer within a box: 16 - 7 = 9. \\boxed{9}")
+    assert result.reason is None
+
+
+def test_copying_the_solution_is_rejected_but_not_the_question_or_its_numbers() -> None:
+    copied = (
+        "Janet starts with sixteen eggs and uses three for breakfast and four for baking, which leaves 9. \\boxed{9}"
+    )
+    assert check(copied).reason == "copy" and check(copied).copy_words >= 12
+    restated = "Janet has 16 eggs. She eats 3 and bakes with 4. How many eggs are left? 16 - 3 - 4 = 9. \\boxed{9}"
+    assert check(restated).reason is None
+    # in answer mode the body shown is the answer alone: there is nothing long to copy
+    assert check(copied, "answer").copy_words == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "first"),
+    [
+        ("9\n\nTo solve the problem, 16 - 3 - 4 = 9. \\boxed{9}", True),
+        ("Since the answer is 9, we check: she uses 3 and 4, and 16 - 7 = 9. \\boxed{9}", True),
+        ("There are 9 eggs left, because 16 - 3 - 4 = 9. \\boxed{9}", True),
+        (CLEAN, False),
+        ("She starts with 16, so after 3 and 4 she has 9 left: \\boxed{9}", False),
+        ("Using both kinds of eggs she ends up with \\boxed{9}.", False),  # concludes with it: no work after
+    ],
+)
+def test_answer_before_work(response: str, first: bool) -> None:
+    assert answer_before_work(response, QUESTION, "9") is first
+
+
+def test_answer_first_is_not_judged_when_the_answer_is_in_the_question_or_not_a_number() -> None:
+    assert answer_before_work("4 eggs. 16 - 12 = 4", QUESTION, "4") is False  # 4 is a question number
+    assert answer_before_work("x = 2, so 2 + 2 = 4", "Solve x + 2 = 4.", "x = 2") is False
+    assert answer_before_work("1,000 more. 1,600 - 600 = 1,000", "Rotate 1600 of 600?", "1000") is True
+
+
+def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
+    assert logprob_gain([-2.0, -4.0], [-1.0, -1.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="aligned"):
+        logprob_gain([-1.0], [-1.0, -2.0])
+    clean = check(CLEAN)
+    assert with_likelihood(clean, 0.1, LIMITS).reason is None
+    assert with_likelihood(clean, LIMITS.max_logprob_gain + 0.01, LIMITS).reason == "likelihood"  # type: ignore[operator]
+    # a text reason stays the reason; the gain is still recorded
+    echoed = check("The correct final answer is 9, since 16 - 3 - 4 = 9.", "answer")
+    assert with_likelihood(echoed, 3.0, LIMITS).reason == "echo"
+
+
+def test_limits_switch_signals_off() -> None:
+    off = GuidanceLimits(echo_words=0, copy_words=0, answer_first=False, max_logprob_gain=None)
+    ctx = guidance_context(QUESTION, SOLUTION, "9", "answer", 0.5)
+    assert text_check("The correct final answer is 9. So 16 - 7 = 9.", ctx, off).reason is None
+    assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
+
+
+def test_meta_is_plain_rounded_data() -> None:
+    meta = with_likelihood(check(CLEAN), 0.123456789, LIMITS).to_meta()
+    assert meta == {
+        "echo_words": meta["echo_words"],
+        "copy_words": meta["copy_words"],
+        "answer_first": False,
+        "logprob_gain": 0.1235,
+        "reason": None,
+    }
+
+
+@pytest.mark.redis
+async def test_rejections_per_reason_reach_the_job_status(redis_url: str, key_prefix: str) -> None:
+    r = aioredis.from_url(redis_url)
+    store = JobStore(r, Keys(key_prefix), ttl_s=60)
+    problems = [Problem(id=str(i), question=f"What is {i}+1?", answer=str(i + 1)) for i in range(2)]
+    job = (await store.create(problems, [], JobSpec(), StageParams(), chunk_size=2)).id
+    first, second = (ProblemOutcome(problem=p) for p in problems)
+    first.guidance_rejected |= {"echo": 2, "likelihood": 1}
+    second.guidance_rejected |= {"echo": 1}
+    counters = outcome_counters([first, second])
+    assert counters["g:echo"] == 3 and counters["g:likelihood"] == 1 and "g:copy" not in counters
+    await store.commit_chunk(job, "0:0", counters)
+    status = await store.status(job)
+    assert status is not None
+    assert status.guidance_rejected == {"echo": 3, "copy": 0, "answer_first": 0, "likelihood": 1}
+    assert tuple(status.guidance_rejected) == REASONS
+    await r.aclose()
