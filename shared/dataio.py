@@ -37,8 +37,7 @@ from shared.layouts import (
     top_level_name,
 )
 from shared.schema import Example, Problem
-from shared.wire import DataPreview, PreviewProblem
-from shared.wire import RowError as WireRowError
+from shared.wire import DataPreview, PreviewProblem, RowError
 
 CANONICAL_FIELDS = ("id", "question", "solution", "answer")
 TURN_FIELD = "turn"  # not a field: which user turn of a conversation to read (`turn=2`, `turn=-1`)
@@ -53,17 +52,6 @@ RowItem = tuple[int, Row | Exception]
 
 class DataError(ValueError):
     """A dataset that cannot be read as asked: missing file, unknown field, or a bad row in strict mode."""
-
-
-@dataclass(frozen=True)
-class RowError:
-    """A skipped row: its line (JSONL) or row number (other formats) and why."""
-
-    line: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -159,6 +147,8 @@ def _jsonl_rows(lines: Iterable[bytes | str]) -> Iterator[RowItem]:
             yield number, ValueError(f"invalid JSON: {e.msg} (column {e.colno})")
         except RecursionError:
             yield number, ValueError("JSON nested too deep to read")
+        except ValueError as e:  # an integer of more digits than Python converts (4300)
+            yield number, ValueError(f"unreadable JSON: {e}")
 
 
 def _json_rows(text: str, name: str) -> Iterator[RowItem]:
@@ -171,6 +161,8 @@ def _json_rows(text: str, name: str) -> Iterator[RowItem]:
         raise DataError(f"{name}: invalid JSON at line {e.lineno}: {e.msg}") from None
     except RecursionError:
         raise DataError(f"{name}: JSON nested too deep to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise DataError(f"{name}: unreadable JSON: {e}") from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
@@ -414,7 +406,7 @@ def preview(result: ReadResult, fields: FieldMap | None = None, shown: int = 3, 
         ungradable=result.ungradable,
         skipped=len(result.errors),
         skipped_reasons=dict(result.skipped.most_common()),
-        errors=[WireRowError(line=e.line, message=e.message) for e in result.errors[:errors]],
+        errors=result.errors[:errors],
         problems=[
             PreviewProblem(
                 line=p.meta["line"],

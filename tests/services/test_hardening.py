@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from services.settings import RequestLimits, ServiceConfig
-from tests.support.service import FAST_PARAMS, arithmetic_rows, running_service
+from tests.support.service import FAST_PARAMS, SERVE_MEMORY_CAP, ServeProcess, arithmetic_rows, running_service
 
 pytestmark = pytest.mark.redis
 
@@ -115,16 +115,18 @@ async def test_rows_nested_too_deep_or_too_large_are_rejected_by_line_never_a_50
     deep_line = '{"question": ' + nested_list(100_000) + ', "answer": "1"}'
     list_900 = '{"question": ' + nested_list(900) + ', "answer": "1"}'
     wide = json.dumps({"question": "What is 1+1? " + "x" * 500, "answer": "2"})
-    upload = "\n".join([json.dumps(arithmetic_rows(1)[0]), deep_line, list_900, wide]).encode()
+    long_number = '{"question": "What is 1+1?", "answer": ' + "9" * 5000 + "}"  # past Python's 4300 digits
+    upload = "\n".join([json.dumps(arithmetic_rows(1)[0]), deep_line, list_900, wide, long_number]).encode()
     cfg = service_config(limits={"row_chars": 400})
     async with running_service(cfg) as (client, _):
         resp = await client.post("/v1/jobs", files={"file": ("d.jsonl", upload)}, data={"spec": '{"params": {"k": 1}}'})
         assert resp.status_code == 201, resp.text
         errors = {e["line"]: e["message"] for e in resp.json()["errors"]}
-        assert errors.keys() == {2, 3, 4}
+        assert errors.keys() == {2, 3, 4, 5}
         assert "nested too deep" in errors[2]
         assert "limits.json_depth" in errors[3]
         assert "limits.row_chars" in errors[4]
+        assert "unreadable JSON" in errors[5]
         # the same rows inline, as a job or a synchronous rewrite: a 4xx, never a RecursionError
         for body in (f'{{"rows": [{list_900}]}}', f'{{"rows": [{deep_line}]}}'):
             for url in ("/v1/jobs", "/v1/rewrite"):
@@ -316,3 +318,12 @@ def test_the_client_escapes_job_ids_and_refuses_keys_it_cannot_send() -> None:
         with pytest.raises(ValueError, match=what) as caught:
             MindgapClient("http://mindgap.test", key)
         assert key not in str(caught.value)  # the message never repeats the key
+
+
+def test_the_services_tests_start_run_under_a_memory_cap(serve_process: Callable[..., ServeProcess]) -> None:
+    serve = serve_process()
+    serve.start()
+    assert serve.proc is not None
+    limits = Path(f"/proc/{serve.proc.pid}/limits").read_text()
+    [line] = [line for line in limits.splitlines() if line.startswith("Max address space")]
+    assert line.split()[3:5] == [str(SERVE_MEMORY_CAP)] * 2, line
