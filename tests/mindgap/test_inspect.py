@@ -111,3 +111,18 @@ def test_rewrite_reads_every_layout_with_no_mapping(name: str, tmp_path: Path) -
     assert first[0].prompt == solve_messages(read_problems(LAYOUTS / name, limit=1).problems[0].question)
     if name == "math_chat.jsonl":
         assert first[0].meta["system"].startswith("Please reason step by step")
+
+
+def test_inspect_reads_a_saved_hf_dataset_with_a_split(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in (LAYOUTS / "metamathqa.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "metamath"))
+    result = invoke("inspect", tmp_path / "metamath", "--split", "test", "-n", "1")
+    assert result.exit_code == 0, result.output
+    assert "gold     ← 'response' answer phrase (1)" in result.output
+    assert (
+        "question: What is the sum of all positive divisors of 12?" in result.output and "gold:     28" in result.output
+    )
+    wrong = invoke("inspect", tmp_path / "metamath", "--split", "validation")
+    assert wrong.exit_code == 2 and "choose a split with --split (available: train, test)" in wrong.output
