@@ -80,14 +80,14 @@ def test_cpu_kv_cache_space_is_set_before_start(vllm_tiny_engine: Any) -> None:
     assert vllm_tiny_engine._llm.vllm_config.cache_config.kv_cache_memory_bytes == 1 << 30
 
 
-def test_kv_cache_space_rounds_up_to_whole_gib(monkeypatch: pytest.MonkeyPatch) -> None:
-    from services.vllm_engine import set_cpu_kv_cache_space
+def test_cpu_kv_cache_size_is_exported_whole_gib_or_chosen_from_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.vllm_engine import size_cpu_kv_cache
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    set_cpu_kv_cache_space(2.5)
-    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
-    set_cpu_kv_cache_space(0.25)
-    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert size_cpu_kv_cache(2.5) == 3 and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    chosen = size_cpu_kv_cache(None)  # nothing configured or exported: sized from the free memory
+    assert 1 <= chosen <= 4 and os.environ["VLLM_CPU_KVCACHE_SPACE"] == str(chosen)
 
 
 @on_session_loop
@@ -212,3 +212,41 @@ async def test_bad_checkpoint_is_refused_and_old_weights_keep_serving(
         await engine.reload(str(tmp_path / "nowhere"))
 
     assert await greedy(engine) == before
+
+
+@on_session_loop
+async def test_stream_yields_every_sample_as_it_finishes(engine: Any) -> None:
+    params = SamplingConfig(n=4, temperature=1.0, max_tokens=40)
+    before = engine.stats.generated_tokens
+    async with engine.stream(prompt_ids(engine, QUESTIONS[0]), params) as samples:
+        got = [s async for s in samples]
+    assert len(got) == 4
+    for s in got:
+        assert s.finish_reason in ("stop", "length") and len(s.logprobs) == len(s.token_ids) > 0
+    assert engine.stats.generated_tokens - before == sum(len(s.token_ids) for s in got)
+
+
+@on_session_loop
+async def test_stream_abort_stops_the_running_samples_and_returns_their_tokens(engine: Any) -> None:
+    params = SamplingConfig(n=3, temperature=1.0, max_tokens=1000)  # far more than 0.2 s of decoding
+    before = engine.stats.generated_tokens
+    async with engine.stream(prompt_ids(engine, QUESTIONS[1]), params) as samples:
+        await asyncio.sleep(0.2)
+        cut = await samples.abort()
+        assert [s async for s in samples] == []  # nothing is left to yield
+    assert len(cut) == 3 and any(s.finish_reason == "abort" for s in cut)
+    for s in cut:
+        assert len(s.logprobs) == len(s.token_ids) < params.max_tokens
+    assert engine.stats.generated_tokens - before == sum(len(s.token_ids) for s in cut)
+    assert engine._llm.get_num_unfinished_requests() == 0
+
+
+@on_session_loop
+async def test_leaving_a_stream_early_leaves_no_request_behind(engine: Any) -> None:
+    params = SamplingConfig(n=3, temperature=1.0, max_tokens=1000)
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        async with engine.stream(prompt_ids(engine, QUESTIONS[1]), params):
+            await asyncio.sleep(0.1)
+            raise RuntimeError("consumer failed")
+    await asyncio.sleep(0.1)  # the engine core drops aborted requests on its next step
+    assert engine._llm.get_num_unfinished_requests() == 0
