@@ -35,6 +35,11 @@ def rewrite(
     top_p: float | None = typer.Option(None),
     max_tokens: int | None = typer.Option(None, help="response length cap; cut responses are not kept"),
     guidance: str | None = typer.Option(None, help="guided prompt mode: solution | answer | hint"),
+    guidance_filter: bool | None = typer.Option(
+        None,
+        "--guidance-filter/--no-guidance-filter",
+        help="reject guided responses that lean on the guidance (on; thresholds: stages.guidance_* in TOML)",
+    ),
     score: bool | None = typer.Option(
         None, "--score/--no-score", help="store target_logprobs: score kept responses on the training prompt (off)"
     ),
@@ -59,6 +64,7 @@ def rewrite(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "guidance": guidance,
+        "guidance_filter": guidance_filter,
         "score": score,
     }
     engine_opts = {
