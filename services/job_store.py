@@ -2,11 +2,18 @@
 
 A job moves queued → running → completed | failed | cancelled. Its problems sit in a Redis list and its
 work in its own task stream as chunks `(epoch, chunk)`; a chunk's results are committed by one Lua script
-that marks the chunk done, adds the counters, records the examples and appends them to the examples
-stream — all or nothing, and only the first time, so a redelivered chunk (a replica died after the
-commit but before its ack) changes nothing. The same script finishes an epoch: it queues the next epoch
-of an online job, or settles the final state and sets the expiry of a finished job's keys (noting when,
-so the creation-time index of jobs is pruned as new jobs arrive and Redis does not grow with every job).
+that marks the chunk done, adds the counters and appends the examples to the examples stream — all or
+nothing, and only the first time, so a redelivered chunk (a replica died after the commit but before its
+ack) changes nothing. The same script finishes an epoch: it queues the next epoch of an online job, or
+settles the final state and sets the expiry of a finished job's keys (noting when, so the creation-time
+index of jobs is pruned as new jobs arrive and Redis does not grow with every job).
+
+A record is stored once, in the examples stream the trainer reads. A job's results are references into
+it: for each committed chunk the ids of its first and last entry (one script's XADDs are contiguous, so
+the range holds exactly that chunk's examples), read back with XRANGE in input order. The stream is
+trimmed by job lifetime, not by acknowledgement: `trim_examples` drops only entries older than both the
+oldest entry a live (unexpired) job refers to and the trainer group's oldest unacknowledged one, so a
+job's results stay downloadable until the job expires and nothing the trainer has not acked is dropped.
 
 A status read answers within `read_timeout_s` or raises redis' TimeoutError (a 503 for the API) however long
 Redis hangs, and says why an unfinished job makes no progress while the trainer lags more than `max_lag`.
@@ -31,15 +38,15 @@ from shared.config import StageParams
 from shared.keys import REWRITER_GROUP, TRAINER_GROUP, Keys
 from shared.retry import deadline
 from shared.schema import Problem, Stage
-from shared.streams import backpressure_reason, ensure_group, group_lag
+from shared.streams import backpressure_reason, ensure_group, field, group_lag, trainer_read_bound
 from shared.wire import FINISHED_STATES, JobCreated, JobSpec, JobStatus, RowError
 
 STAGE_NAMES = tuple(s.value for s in Stage)
 SHOWN_ERRORS = 100
 ROW_ERROR: TypeAdapter[RowError] = TypeAdapter(RowError)
 
-# KEYS: 1 job, 2 done set, 3 results, 4 examples stream, 5 versions, 6 active set, 7 task stream,
-#       8 problems, 9 errors, 10 chunk errors, 11 expiring index.
+# KEYS: 1 job, 2 done set, 3 results (chunk → entry range), 4 examples stream, 5 versions, 6 active set,
+#       7 task stream, 8 problems, 9 errors, 10 chunk errors, 11 expiring index, 12 stream holds.
 # ARGV: 1 chunk key, 2 job id, 3 now, 4 ttl, 5 policy version or '', 6 error or '',
 #       7 number of counters, counter (name, increment) pairs, number of examples, example (id, json) pairs.
 # Returns -1 job finished/unknown (nothing done), 0 chunk already committed, 1 committed,
@@ -56,12 +63,17 @@ for _ = 1, tonumber(ARGV[7]) do
 end
 local n_examples = tonumber(ARGV[i])
 i = i + 1
+local first, last
 for _ = 1, n_examples do
   -- same entry format as shared.streams.publish_examples, committed together with the chunk mark
-  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('XADD', KEYS[4], '*', 'id', ARGV[i], 'data', ARGV[i + 1])
-  end
+  last = redis.call('XADD', KEYS[4], '*', 'id', ARGV[i], 'data', ARGV[i + 1])
+  first = first or last
   i = i + 2
+end
+if first then
+  redis.call('HSET', KEYS[3], ARGV[1], first .. ' ' .. last)
+  -- the job's oldest entry (its ms part) keeps the stream from being trimmed past it while the job lives
+  redis.call('ZADD', KEYS[12], 'NX', tonumber(string.match(first, '^%d+')), ARGV[2])
 end
 if ARGV[5] ~= '' then redis.call('SADD', KEYS[5], ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', job, 'error', ARGV[6]) end
@@ -105,12 +117,14 @@ redis.call('ZADD', KEYS[3], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
 return state
 """
 
-# KEYS: 1 expiring index, 2 jobs index. ARGV: 1 now. Drops (a bounded batch of) jobs whose keys expired.
+# KEYS: 1 expiring index, 2 jobs index, 3 stream holds. ARGV: 1 now. Drops (a bounded batch of) jobs whose
+# keys expired, and with them their hold on the examples stream.
 _PRUNE_LUA = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[3], id)
 end
 return #ids
 """
@@ -218,7 +232,7 @@ class JobStore:
         chunks = -(-len(problems) // chunk_size)
         now = time.time()
         # The index would otherwise keep one id per job ever created: drop the expired ones as we go.
-        await self._prune(keys=[k.jobs_expiring, k.jobs], args=[f"{now:.3f}"])
+        await self.trim_examples(now)
         epochs = 1 if spec.mode == "once" else (spec.epochs or 0)  # 0: until cancelled
         await ensure_group(self.r, k.job_tasks(job_id), REWRITER_GROUP)
         await ensure_group(self.r, k.examples, TRAINER_GROUP)
@@ -408,6 +422,7 @@ class JobStore:
                 k.job_errors(job_id),
                 k.job_chunk_errors(job_id),
                 k.jobs_expiring,
+                k.examples_holds,
             ],
             args=args,
         )
@@ -426,10 +441,39 @@ class JobStore:
         value = await self.r.hget(self.keys.job_chunk_errors(job_id), entry_id)
         return _text(value) if value is not None else None
 
-    async def results(self, job_id: str, batch: int = 500) -> AsyncIterator[str]:
-        """The job's example records as JSON strings (in no particular order)."""
-        async for _, value in self.r.hscan_iter(self.keys.job_results(job_id), count=batch):
-            yield _text(value)
+    async def results(self, job_id: str, batch: int = 64) -> AsyncIterator[str]:
+        """The job's example records as JSON strings, in input order: epoch by epoch, chunk by chunk."""
+        refs = await self.r.hgetall(self.keys.job_results(job_id))
+        ranges = sorted(
+            (tuple(int(part) for part in _text(key).split(":")), _text(ref).split()) for key, ref in refs.items()
+        )
+        for start in range(0, len(ranges), batch):
+            async with self.r.pipeline(transaction=False) as pipe:
+                for _, (first, last) in ranges[start : start + batch]:
+                    pipe.xrange(self.keys.examples, first, last)
+                for entries in await pipe.execute():
+                    for _, fields in entries:
+                        data = field(fields, "data")
+                        if data is not None:
+                            yield data
+
+    async def trim_examples(self, now: float | None = None) -> int:
+        """Drop the stream entries no live job refers to and the trainer has acked; how many went.
+
+        Expired jobs release their hold first. The bounds are read outside a transaction, which is safe
+        because both only move forward: new entries, new jobs and new deliveries all come after them.
+        Without a trainer group nothing is known to be read, and nothing is trimmed.
+        """
+        k = self.keys
+        await self._prune(keys=[k.jobs_expiring, k.jobs, k.examples_holds], args=[f"{now or time.time():.3f}"])
+        bound = await trainer_read_bound(self.r, k.examples, TRAINER_GROUP)
+        if bound is None:
+            return 0
+        oldest_hold = await self.r.zrange(k.examples_holds, 0, 0, withscores=True)
+        if oldest_hold:
+            bound = min(bound, (int(oldest_hold[0][1]), 0))
+        trimmed: int = await self.r.xtrim(k.examples, minid=f"{bound[0]}-{bound[1]}", approximate=False)
+        return trimmed
 
 
 def _text(value: Any) -> str:

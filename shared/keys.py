@@ -20,6 +20,12 @@ class Keys:
         return f"{self.prefix}:examples"
 
     @property
+    def examples_holds(self) -> str:
+        """Sorted set job id → ms time of the job's oldest examples entry: the stream is not trimmed past it
+        while the job lives (its results refer to the entries)."""
+        return f"{self.prefix}:examples:holds"
+
+    @property
     def tasks(self) -> str:
         """Namespace of the task streams of problem chunks: one stream per job (see `job_tasks`)."""
         return f"{self.prefix}:tasks"
@@ -38,8 +44,13 @@ class Keys:
         return f"{self.prefix}:job:{job_id}:problems"
 
     def job_results(self, job_id: str) -> str:
-        """Hash example id → example JSON: a job's results, idempotent under redelivery."""
+        """Hash chunk key (``epoch:chunk``) → ``first last``: where each committed chunk's examples sit in the
+        examples stream (a job's results are references; the records are stored once, in the stream)."""
         return f"{self.prefix}:job:{job_id}:results"
+
+    def job_published(self, job_id: str) -> str:
+        """Set of the example ids `shared.streams.publish_examples` added for a job: its idempotency check."""
+        return f"{self.prefix}:job:{job_id}:published"
 
     def job_done(self, job_id: str) -> str:
         """Set of finished chunk ids (per epoch) of a job: makes chunk processing idempotent."""

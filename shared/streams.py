@@ -1,8 +1,10 @@
 """Redis stream helpers shared by the service (producer) and the trainer (consumer).
 
-Delivery is at-least-once everywhere, so producers are idempotent: an example is added to the stream
-only if its deterministic id is new in its job's results hash, checked and written atomically in Lua.
-Backpressure replaces trimming: a producer waits while the trainer group's lag is above a bound.
+Delivery is at-least-once everywhere, so producers are idempotent: `publish_examples` adds an example to
+the stream only if its deterministic id is new in its job's set of published ids, checked and written
+atomically in Lua (the service's chunk commits are idempotent per chunk instead: services/job_store.py).
+Backpressure bounds what is unread: a producer waits while the trainer group's lag is above a bound, and
+trimming never drops an entry the group has not acknowledged (`trainer_read_bound`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from redis.exceptions import ResponseError
 from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
 
-# KEYS[1] results hash, KEYS[2] examples stream; ARGV: (id, json) pairs. Returns how many were new.
+# KEYS[1] published ids set, KEYS[2] examples stream; ARGV: (id, json) pairs. Returns how many were new.
 _PUBLISH_LUA = """
 local added = 0
 for i = 1, #ARGV, 2 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
     redis.call('XADD', KEYS[2], '*', 'id', ARGV[i], 'data', ARGV[i + 1])
     added = added + 1
   end
@@ -56,6 +58,35 @@ async def group_lag(r: aioredis.Redis, stream: str, group: str) -> int:
     return 0
 
 
+async def trainer_read_bound(r: aioredis.Redis, stream: str, group: str) -> tuple[int, int] | None:
+    """The entry id `(ms, seq)` below which `group` has read and acknowledged every entry of `stream`.
+
+    That is its oldest pending entry, or else the id just after its last delivered one. None when the
+    stream or the group is missing: then nothing is known to be read.
+    """
+    try:
+        groups = await r.xinfo_groups(stream)
+    except ResponseError:  # no such stream
+        return None
+    for info in groups:
+        if _text(info["name"]) == group:
+            pending = await r.xpending(stream, group)
+            if pending["pending"]:
+                return _entry_id(pending["min"])
+            ms, seq = _entry_id(info["last-delivered-id"])
+            return ms, seq + 1
+    return None
+
+
+def _entry_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def backpressure_reason(lag: int, max_lag: int) -> str | None:
     """Why a producer holds back: `trainer lag N > max_lag M` when the lag is over the bound (0 disables), else None."""
     return f"trainer lag {lag} > max_lag {max_lag}" if max_lag > 0 and lag > max_lag else None
@@ -83,7 +114,7 @@ async def wait_for_capacity(
 async def publish_examples(
     r: aioredis.Redis, keys: Keys, job_id: str, examples: Sequence[Example], max_lag: int = 0
 ) -> int:
-    """Record `examples` as `job_id`'s results and add the new ones to the examples stream; return how many were new."""
+    """Add those of `examples` new to `job_id` to the examples stream; return how many were new."""
     if not examples:
         return 0
     await ensure_group(r, keys.examples, TRAINER_GROUP)
@@ -91,7 +122,7 @@ async def publish_examples(
     argv: list[str] = []
     for ex in examples:
         argv += [ex.id, ex.model_dump_json()]
-    added = await r.eval(_PUBLISH_LUA, 2, keys.job_results(job_id), keys.examples, *argv)
+    added = await r.eval(_PUBLISH_LUA, 2, keys.job_published(job_id), keys.examples, *argv)
     return int(added)
 
 

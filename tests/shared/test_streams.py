@@ -38,7 +38,7 @@ async def test_publish_is_idempotent_and_lag_counts_undelivered(redis_url: str, 
     # redelivery of the same work adds nothing to the stream or the results
     assert await publish_examples(r, keys, "job1", [make_example(1), make_example(2)]) == 1
     assert await r.xlen(keys.examples) == 3
-    assert await r.hlen(keys.job_results("job1")) == 3
+    assert await r.scard(keys.job_published("job1")) == 3
     assert await group_lag(r, keys.examples, TRAINER_GROUP) == 3
     entries = await r.xreadgroup(TRAINER_GROUP, "c1", {keys.examples: ">"}, count=2)
     assert [field(e, "id") for _, e in entries[0][1]] == ["ex0", "ex1"]

@@ -1,7 +1,8 @@
 """Queue line: examples/s through the examples stream (publish, read, ack) against Redis's own XADD rate.
 
-mindgap's side is what the service and the trainer do per example: `publish_examples` (Lua: HSETNX into
-the job's results + XADD) in batches from one process, while another process reads the trainer group with
+mindgap's side is what the service and the trainer do per example: the service's chunk commit
+(`JobStore.commit_chunk`, one Lua script: chunk mark, counters, one XADD per example and the chunk's entry
+range as the job's result) in chunks from one process, while another process reads the trainer group with
 XREADGROUP, parses each record into an `Example` and XACKs it. The rate counts an example once it is
 acknowledged. The baseline is `redis-benchmark` running `XADD mystream * data <one example's JSON>` (default 50
 clients, no pipelining), on the same throwaway server; where redis-benchmark is missing, pipelined
@@ -28,9 +29,12 @@ from mindgap.bench.context import BenchContext
 from mindgap.bench.report import LineResult
 from mindgap.bench.timings import Row, summarize
 from mindgap.redis_server import RedisServer
+from services.job_store import JobStore, chunk_key
+from shared.config import StageParams
 from shared.keys import TRAINER_GROUP, Keys
-from shared.schema import ChatMessage, Example, Sampling, Stage, example_id, wire_logprobs
-from shared.streams import ensure_group, publish_examples
+from shared.schema import ChatMessage, Example, Problem, Sampling, Stage, example_id, wire_logprobs
+from shared.streams import ensure_group
+from shared.wire import JobSpec
 
 TARGET = 0.5
 
@@ -65,11 +69,14 @@ def _producer(url: str, prefix: str, n: int, batch: int, barrier: Barrier) -> No
 
     async def main() -> None:
         r = aioredis.Redis.from_url(url)
-        keys = Keys(prefix)
-        await ensure_group(r, keys.examples, TRAINER_GROUP)
+        store = JobStore(r, Keys(prefix), ttl_s=3600)
+        problems = [Problem(id=ex.problem_id, question="q", answer="87") for ex in examples]
+        job = await store.create(problems, [], JobSpec(), StageParams(), chunk_size=batch)  # makes the group too
         barrier.wait()
-        for start in range(0, n, batch):
-            await publish_examples(r, keys, "bench-job", examples[start : start + batch])
+        for chunk, start in enumerate(range(0, n, batch)):
+            part = examples[start : start + batch]
+            pairs = [(ex.id, ex.model_dump_json()) for ex in part]
+            await store.commit_chunk(job.id, chunk_key(0, chunk), {"problems_done": len(part)}, pairs, 0)
         await r.aclose()
 
     asyncio.run(main())
@@ -116,9 +123,9 @@ def stream_rate(url: str, n: int, batch: int) -> float:
         p.join(60)
         if p.exitcode != 0:
             raise RuntimeError(f"queue bench {p.name} exited with {p.exitcode}")
-    keys = Keys(prefix)
     with redis.Redis.from_url(url) as r:
-        r.delete(keys.examples, keys.job_results("bench-job"))
+        for key in r.scan_iter(f"{prefix}:*"):
+            r.delete(key)
     return finished - start
 
 
@@ -224,8 +231,8 @@ def run(
     if server_us["xadd"]:
         ours_us, xadd_us = summarize(server_us["mindgap"]).median, summarize(server_us["xadd"]).median
         note += (
-            f" Redis itself spends {ours_us:.0f} µs of CPU per example on mindgap's path (publishing stores it"
-            f" in the job's results and in the stream, then XREADGROUP and XACK) against {xadd_us:.0f} µs"
+            f" Redis itself spends {ours_us:.0f} µs of CPU per example on mindgap's path (the chunk commit"
+            f" stores it once, in the stream, then XREADGROUP and XACK) against {xadd_us:.0f} µs"
             " per XADD: with the Python encode and parse beside it, the three processes share 2 cores."
         )
     if ceiling:
