@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from shared.config import StageParams
 from shared.schema import Example
@@ -12,6 +13,8 @@ from shared.schema import Example
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
 FINISHED_STATES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 JobMode = Literal["once", "online"]
+# Policy versions are stored as signed 64-bit integers (parquet results, Redis counters): 0 … 2**63 - 1.
+POLICY_VERSION_MAX = 2**63 - 1
 
 
 class JobSpec(BaseModel):
@@ -66,11 +69,18 @@ class JobRequest(JobSpec):
         return self
 
 
-class RowError(BaseModel):
-    """One rejected input row."""
+@dataclass(frozen=True)
+class RowError:
+    """A rejected input row: its line (JSONL) or row number (other formats) and why.
+
+    The one definition: `shared.dataio` reports these when reading a dataset, the API returns them.
+    """
 
     line: int
     message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
 
 
 class JobCreated(BaseModel):
@@ -119,6 +129,11 @@ class JobStatus(BaseModel):
     error: str | None = Field(None, description="why chunks failed (dead-lettered), if any did")
     params: StageParams
     fields: dict[str, str]
+    waiting: str | None = Field(
+        None,
+        description="why an unfinished job makes no progress now: 'trainer lag N > max_lag M' while the trainer"
+        " group has more unread examples than the service's max_lag (backpressure; it resumes as the trainer reads)",
+    )
 
 
 class JobList(BaseModel):
@@ -198,6 +213,9 @@ class PolicyStatus(BaseModel):
     path: str | None
     reloading: bool
     history: list[ReloadRecord]
+    error: str | None = Field(
+        None, description="why the policy hash in Redis is unusable (the served weights stay), if it is"
+    )
 
 
 class ReloadRequest(BaseModel):
@@ -206,4 +224,9 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"path": "/ckpt/v3", "version": 3}]})
 
     path: str = Field(min_length=1, description="checkpoint folder with a READY marker")
-    version: int | None = Field(None, ge=0, description="default: from a 'v<N>' folder name, else current + 1")
+    version: int | None = Field(
+        None, ge=0, le=POLICY_VERSION_MAX, description="default: from a 'v<N>' folder name, else current + 1"
+    )
+    allow_rollback: bool = Field(
+        False, description="allow a version not above the served one (a rollback); refused with 409 otherwise"
+    )

@@ -22,7 +22,7 @@ def rewrite(
     input: Path = typer.Argument(..., help="problems: JSONL, JSON, parquet, a local HF datasets folder or a hub id"),
     output: Path = typer.Option(..., "-o", "--output", help="records out: .jsonl or .parquet"),
     model: str | None = typer.Option(None, help="HF id, local path or 'default' (SmolLM2-135M-Instruct)"),
-    field: list[str] | None = typer.Option(None, "--field", help="field mapping, e.g. question=problem"),
+    fields: list[str] | None = typer.Option(None, help="field mapping, e.g. question=problem (repeatable)"),
     split: str | None = typer.Option(None, help="split of an HF datasets folder or hub dataset"),
     limit: int | None = typer.Option(None, help="rewrite at most N problems"),
     shuffle: bool = typer.Option(False, "--shuffle", help="shuffle rows before --limit"),
@@ -35,22 +35,22 @@ def rewrite(
     top_p: float | None = typer.Option(None),
     max_tokens: int | None = typer.Option(None, help="response length cap; cut responses are not kept"),
     guidance: str | None = typer.Option(None, help="guided prompt mode: solution | answer | hint"),
-    guidance_filter: bool | None = typer.Option(
-        None,
-        "--guidance-filter/--no-guidance-filter",
-        help="reject guided responses that lean on the guidance (on; thresholds: stages.guidance_* in TOML)",
+    expert_format: str | None = typer.Option(
+        None, help="expert demonstrations: raw (as written, default) | boxed (#### X → \\boxed{X}, no <<…>> notes)"
     ),
     score: bool | None = typer.Option(
         None, "--score/--no-score", help="store target_logprobs: score kept responses on the training prompt (off)"
     ),
     batch_size: int | None = typer.Option(None, help="problems per pipeline batch"),
     config: Path | None = typer.Option(None, "--config", help="TOML config file"),
-    engine: str | None = typer.Option(None, "--engine", help="vllm (default) or fake (tests)"),
+    backend: str | None = typer.Option(None, help="inference engine: vllm (default) or fake (tests)"),
     dtype: str | None = typer.Option(None),
     tensor_parallel_size: int | None = typer.Option(None),
     gpu_memory_utilization: float | None = typer.Option(None),
     max_model_len: int | None = typer.Option(None),
-    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching"),
+    enable_prefix_caching: bool | None = typer.Option(
+        None, "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM prefix caching (default on)"
+    ),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="skip torch.compile (faster start)"),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
@@ -64,7 +64,7 @@ def rewrite(
         "top_p": top_p,
         "max_tokens": max_tokens,
         "guidance": guidance,
-        "guidance_filter": guidance_filter,
+        "expert_format": expert_format,
         "score": score,
     }
     engine_opts = {
@@ -73,7 +73,7 @@ def rewrite(
         "tensor_parallel_size": tensor_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
         "max_model_len": max_model_len,
-        "enable_prefix_caching": False if no_prefix_caching else None,
+        "enable_prefix_caching": enable_prefix_caching,
         "enforce_eager": enforce_eager or None,
     }
     from services.offline import RewriteConfig
@@ -84,14 +84,14 @@ def rewrite(
         log,
         input=input,
         output=output,
-        fields=field or None,
+        fields=fields or None,
         split=split,
         limit=limit,
         shuffle=shuffle or None,
         seed=seed,
         strict=strict or None,
         batch_size=batch_size,
-        backend=engine,
+        backend=backend,
         stages={key: v for key, v in stages.items() if v is not None},
         engine={key: v for key, v in engine_opts.items() if v is not None},
     )
