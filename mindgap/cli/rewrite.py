@@ -38,6 +38,11 @@ def rewrite(
     expert_format: str | None = typer.Option(
         None, help="expert demonstrations: raw (as written, default) | boxed (#### X → \\boxed{X}, no <<…>> notes)"
     ),
+    guidance_filter: bool | None = typer.Option(
+        None,
+        "--guidance-filter/--no-guidance-filter",
+        help="reject guided responses that lean on the guidance (on; thresholds: stages.guidance_* in TOML)",
+    ),
     score: bool | None = typer.Option(
         None, "--score/--no-score", help="store target_logprobs: score kept responses on the training prompt (off)"
     ),
@@ -65,6 +70,7 @@ def rewrite(
         "max_tokens": max_tokens,
         "guidance": guidance,
         "expert_format": expert_format,
+        "guidance_filter": guidance_filter,
         "score": score,
     }
     engine_opts = {
