@@ -4,8 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= cpu,train,dev
 export MINDGAP_CACHE ?= $(HOME)/.cache/mindgap
-# vLLM on CPU: a small KV cache keeps tests and the demo light.
-export VLLM_CPU_KVCACHE_SPACE ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup model demo test lint fmt clean check-gpu

@@ -87,6 +87,7 @@ class UpConfig(MindgapSettings):
     ready_timeout_s: float = Field(900.0, gt=0, description="wait this long for Redis and the service")
     grace_s: float = Field(30.0, gt=0, description="SIGTERM → SIGKILL grace per child when stopping")
     poll_s: float = Field(1.0, gt=0, description="status refresh interval")
+    verbose: bool = Field(False, description="the children log at DEBUG, the libraries' logs included (-v)")
 
 
 @dataclass
@@ -216,7 +217,7 @@ def service_spec(cfg: UpConfig, port: int) -> ChildSpec:
     argv = _cli("serve", "--host", cfg.host, "--port", str(port), "--model", cfg.model, "--backend", cfg.backend)
     if cfg.service_config is not None:
         argv += ["--config", str(cfg.service_config)]
-    return ChildSpec("service", argv)
+    return ChildSpec("service", argv + ["-v"] * cfg.verbose)
 
 
 def trainer_spec(cfg: UpConfig, checkpoint_dir: Path) -> ChildSpec:
@@ -226,7 +227,7 @@ def trainer_spec(cfg: UpConfig, checkpoint_dir: Path) -> ChildSpec:
     argv += ["--checkpoint-every", str(cfg.checkpoint_every), "--run-name", TRAINER_RUN]
     if cfg.train_config is not None:
         argv += ["--config", str(cfg.train_config)]
-    return ChildSpec("trainer", argv)
+    return ChildSpec("trainer", argv + ["-v"] * cfg.verbose)
 
 
 P = ParamSpec("P")
@@ -288,7 +289,7 @@ async def read_trainer(r: aioredis.Redis, keys: Keys, run: str) -> tuple[int | N
     return (
         int(step) if step else None,
         float(loss) if loss else None,
-        int(version) if version else None,
+        int(version) if version and version.isdigit() else None,  # a corrupt hash is the service's to report
     )
 
 

@@ -1,7 +1,9 @@
-"""The engine Protocol the pipeline and the service are written against; vLLM and a fake implement it."""
+"""The engine Protocol the pipeline and the service are written against (vLLM and a fake implement it), and the
+KV-cache size vLLM on CPU starts with."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -9,6 +11,43 @@ from typing import Literal, Protocol
 
 from shared.config import EngineConfig
 from shared.schema import ChatMessage
+
+GiB = 1 << 30
+# vLLM on CPU, unless told otherwise: a quarter of the memory free at start, 1 to 4 GiB. vLLM's own default
+# (`gpu_memory_utilization` of the machine's *total* memory, 0.85) fails whenever anything else runs, such as
+# `mindgap up`'s trainer; 4 GiB hold far more tokens than a CPU engine runs at once.
+AUTO_KV_CACHE_SHARE = 0.25
+AUTO_KV_CACHE_MAX_GIB = 4
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+class EngineStartError(RuntimeError):
+    """The engine cannot start; the message says why and which setting to change (shown as one line)."""
+
+
+def cpu_kv_cache_gib(configured: float | None, env_value: str | None, available_bytes: int) -> tuple[int, str]:
+    """The KV cache of vLLM on CPU in whole GiB, and where that size came from.
+
+    `engine.kv_cache_gib` (rounded up) wins, then a VLLM_CPU_KVCACHE_SPACE the user exported, else a quarter of
+    `available_bytes` (free memory) within 1 … AUTO_KV_CACHE_MAX_GIB GiB. Raises EngineStartError for an
+    unusable variable, or when the size is more than the free memory.
+    """
+    if configured is not None:
+        gib, source = max(1, math.ceil(configured)), "engine.kv_cache_gib"
+    elif env_value:
+        if not env_value.isdigit() or int(env_value) < 1:
+            raise EngineStartError(f"{KV_CACHE_ENV}={env_value[:20]!r}: give the KV cache size in whole GiB (>= 1)")
+        gib, source = int(env_value), KV_CACHE_ENV
+    else:
+        share = int(available_bytes * AUTO_KV_CACHE_SHARE // GiB)
+        gib = min(AUTO_KV_CACHE_MAX_GIB, max(1, share))
+        source = f"a quarter of the {available_bytes / GiB:.1f} GiB free, 1 to {AUTO_KV_CACHE_MAX_GIB} GiB"
+    if gib * GiB > available_bytes:
+        raise EngineStartError(
+            f"the vLLM KV cache needs {gib} GiB ({source}) but only {available_bytes / GiB:.1f} GiB of memory is"
+            " free: set a smaller engine.kv_cache_gib, or stop what else uses the memory"
+        )
+    return gib, source
 
 
 class RequestRejected(ValueError):

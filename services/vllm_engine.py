@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 import uuid
@@ -21,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -33,7 +33,16 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from services import vllm_version
-from services.engine import EngineStats, RequestRejected, Sample, SampleStream, SamplingConfig
+from services.engine import (
+    KV_CACHE_ENV,
+    EngineStartError,
+    EngineStats,
+    RequestRejected,
+    Sample,
+    SampleStream,
+    SamplingConfig,
+    cpu_kv_cache_gib,
+)
 from shared.checkpoints import CheckpointError, CheckpointShapes, check_same_shapes, checkpoint_shapes
 from shared.config import EngineConfig
 from shared.model_source import resolve_model
@@ -69,8 +78,8 @@ class VLLMEngine:
         supported, line = vllm_version.check(vllm_version.installed_release(), vllm_version.tested_release())
         log.log(logging.INFO if supported else logging.WARNING, "%s", line)
         model = resolve_model(cfg.model)
-        if current_platform.is_cpu() and cfg.kv_cache_gib is not None:
-            set_cpu_kv_cache_space(cfg.kv_cache_gib)
+        if current_platform.is_cpu():
+            size_cpu_kv_cache(cfg.kv_cache_gib)
         args = AsyncEngineArgs(
             model=model,
             dtype=_engine_dtype(cfg.dtype),  # type: ignore[arg-type]
@@ -85,7 +94,10 @@ class VLLMEngine:
             disable_log_stats=True,
         )
         started = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args)
+        try:
+            llm = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # the engine process logged its own error; this is the one line for the user
+            raise EngineStartError(f"vLLM could not start {model}: {type(exc).__name__}: {exc}") from exc
         log.info("vLLM engine on %s (%s) started in %.1f s", model, args.dtype, time.perf_counter() - started)
         return cls(llm, model, _reference_shapes(model))
 
@@ -285,9 +297,16 @@ def _engine_dtype(dtype: str) -> str:
     return dtype if native_bf16 else "float32"
 
 
-def set_cpu_kv_cache_space(gib: float) -> None:
-    """Size vLLM's CPU KV cache: VLLM_CPU_KVCACHE_SPACE, whole GiB (rounded up), read when the engine starts."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gib)))
+def size_cpu_kv_cache(configured: float | None) -> int:
+    """Size vLLM's CPU KV cache (`cpu_kv_cache_gib`) in VLLM_CPU_KVCACHE_SPACE, read when the engine starts; GiB.
+
+    An explicit size also spares the start from vLLM's check that `gpu_memory_utilization` of all the
+    machine's memory is free.
+    """
+    gib, source = cpu_kv_cache_gib(configured, os.environ.get(KV_CACHE_ENV), psutil.virtual_memory().available)
+    os.environ[KV_CACHE_ENV] = str(gib)
+    log.info("vLLM CPU KV cache: %d GiB (%s)", gib, source)
+    return gib
 
 
 def _logprob_of(token: int, position: dict[int, Logprob] | None) -> float:

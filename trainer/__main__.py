@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource
 
+from shared.logs import setup_logging
 from trainer.config import TrainerConfig
 
 log = logging.getLogger("mindgap.trainer")
@@ -58,11 +59,7 @@ def parse_args(argv: list[str]) -> tuple[TrainerConfig, bool]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, verbose = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(verbose)  # before torch, DeepSpeed and transformers are imported (trainer.train)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         raise _error(f"nproc {cfg.nproc}: start the ranks with `mindgap train --nproc N` or torchrun")
     from trainer.train import run

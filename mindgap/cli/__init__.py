@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
+# every command configures its logging with this (mindgap at INFO, libraries at WARNING unless -v)
+from shared.logs import setup_logging as setup_logging
+
 if TYPE_CHECKING:
     from shared.config import MindgapSettings
 
@@ -34,15 +37,6 @@ COMMAND_MODULES = ("rewrite", "inspect", "model", "service", "train", "up", "eva
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2, no traceback."""
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Configure root logging once for a CLI process."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -96,6 +90,14 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; an engine that cannot start ends any command with one error line."""
     _register()
-    app()
+    try:
+        app()
+    except Exception as exc:
+        from services.engine import EngineStartError  # not needed to start the CLI
+
+        if not isinstance(exc, EngineStartError):
+            raise
+        fail(str(exc))
+        hard_exit(1)

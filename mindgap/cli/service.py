@@ -72,6 +72,24 @@ def serve(
         raise typer.Exit(code)
 
 
+class _EngineStartFailure(logging.Filter):
+    """Takes an engine's start failure (EngineStartError) out of uvicorn's startup traceback, to print it as one
+    error line: the error names the cause and the setting to change, the traceback adds nothing."""
+
+    MARK = "EngineStartError: "
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self.MARK not in text:
+            return True
+        self.message = " ".join(text.rsplit(self.MARK, 1)[1].split())
+        return False
+
+
 def _serve(cfg: Any) -> int:
     import uvicorn
 
@@ -80,7 +98,11 @@ def _serve(cfg: Any) -> int:
     server = uvicorn.Server(
         uvicorn.Config(create_app(cfg), host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=60)
     )
+    engine_failure = _EngineStartFailure()
+    logging.getLogger("uvicorn.error").addFilter(engine_failure)
     server.run()  # SIGINT/SIGTERM: stop accepting, drain connections, then the lifespan drains the worker
+    if engine_failure.message is not None:
+        fail(engine_failure.message)  # printed here; the exit status is returned
     return 0 if server.started else 1
 
 

@@ -78,6 +78,7 @@ def up(
         "service_config": service_config,
         "train_config": train_config,
         "grace_s": grace_s,
+        "verbose": verbose or None,
     }
     cfg = load_config(UpConfig, config, log, **cli)
     plan = UpPlan.from_config(cfg)

@@ -302,3 +302,10 @@ def test_up_cli_names_a_bad_option_value_in_one_line() -> None:
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: invalid configuration: ")
     assert "loss: " in line and "max_versions: " in line
+
+
+def test_up_passes_verbose_to_its_children(tmp_path: Path) -> None:
+    quiet = UpPlan.from_config(UpConfig(data=SAMPLE, run_dir=tmp_path / "quiet"))
+    assert "-v" not in quiet.service.argv and "-v" not in quiet.trainer.argv
+    loud = UpPlan.from_config(UpConfig(data=SAMPLE, run_dir=tmp_path / "loud", verbose=True))
+    assert loud.service.argv[-1] == loud.trainer.argv[-1] == "-v"
