@@ -26,6 +26,15 @@ def bench(
         help="folder holding gsm8k/train.jsonl",
     ),
     model: str = typer.Option("default", "--model", help="the real model where model speed matters"),
+    max_load: float = typer.Option(
+        1.0,
+        "--max-load",
+        min=0.0,
+        help="before each line, wait until the 1-minute load average is below this (0: don't)",
+    ),
+    idle_timeout: float = typer.Option(
+        1800.0, "--idle-timeout", min=0.0, help="seconds to wait for that before measuring anyway (noted per line)"
+    ),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ) -> None:
     """Run the bench lines (each mindgap figure beside its baseline, same workload, same run); write the table."""
@@ -45,6 +54,8 @@ def bench(
         data_dir=data_dir,
         model=model,
         on_line=lambda r: r.write(out),
+        max_load=max_load,
+        idle_timeout_s=idle_timeout,
     )
     json_path, md_path = report.write(out)
     typer.echo(report.to_markdown())

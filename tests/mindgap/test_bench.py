@@ -11,7 +11,7 @@ import pytest
 
 from mindgap.bench.context import BenchContext
 from mindgap.bench.report import LineResult, Report
-from mindgap.bench.runner import plan, run_bench, select
+from mindgap.bench.runner import plan, run_bench, select, wait_for_idle
 from mindgap.bench.timings import Row, fmt, rate_stat, summarize
 
 MACHINE = {"cpu_model": "Test CPU", "cpus": 2, "memory_gib": 8.0, "gpu": None, "loadavg": "0.1", "versions": {}}
@@ -142,6 +142,37 @@ def test_run_bench_records_a_broken_line_and_goes_on(tmp_path: Path):
     assert [line.name for line in report.failed] == ["rewrite+reload"]
     assert report.failed[0].error == "RuntimeError: engine would not start"
     assert report.machine["cpus"] >= 1 and "cpu_model" in report.machine
+
+
+def test_each_line_waits_for_an_idle_machine_and_records_its_load(tmp_path: Path):
+    loads = iter([3.0, 2.0, 0.8, 0.5])
+    slept: list[float] = []
+    assert wait_for_idle(1.0, 60, poll_s=5, load=lambda: next(loads), sleep=slept.append) == (0.8, 10.0)
+    assert slept == [5, 5]
+    # still busy after the timeout: measured anyway, with the load it had
+    assert wait_for_idle(1.0, 10, poll_s=5, load=lambda: 4.0, sleep=slept.append) == (4.0, 10.0)
+
+    waits: list[tuple[float, float]] = []
+
+    def idle(max_load: float, timeout_s: float) -> tuple[float, float]:
+        waits.append((max_load, timeout_s))
+        return 0.4, 12.0
+
+    def line(ctx: BenchContext, parts: frozenset[str]) -> LineResult:
+        return LineResult(name="queue", rows=[_row([1.0], [1.0])], info={"examples": 3})
+
+    report = run_bench(
+        ["queue", "trainer"],
+        quick=True,
+        repeat=1,
+        data_dir=tmp_path,
+        runners={"queue": line, "trainer": line},
+        max_load=1.0,
+        idle_timeout_s=30,
+        idle=idle,
+    )
+    assert waits == [(1.0, 30), (1.0, 30)]  # before every line
+    assert report.lines[0].info == {"examples": 3, "loadavg_at_start": 0.4, "idle_wait_s": 12.0}
 
 
 def test_cli_rejects_unknown_line():
