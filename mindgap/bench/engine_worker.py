@@ -123,23 +123,24 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
 async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params: Any) -> dict[str, int]:
     """The naive schedule: `k` self samples and `resolve_attempts` guided samples for every problem, in one batch.
 
-    Selection is the pipeline's (self first, then non-leaking guided, then expert) so both schedules yield
-    the same kind of examples; kept responses are scored like the pipeline's. Returns the generated tokens,
-    the examples, and the problems solved by a self or a guided sample.
+    Everything is sampled up front (no rounds, no early stop, no streaming); what is kept follows the
+    pipeline's own rules (an explicit, correct final answer; distinct texts; self before guided; the
+    guidance-dependence filter on guided responses; the expert fallback), and kept responses are scored
+    only when `params.score` asks, as in the pipeline. Returns the generated tokens, the examples, and
+    the problems solved by a self or a guided sample.
     """
     from services.engine import SamplingConfig
-    from shared.grading import extract_gold
-    from shared.prompts import guided_messages, leak_reason, solve_messages
+    from services.guidance_filter import guidance_context, limits_of, logprob_gain, text_check, with_likelihood
+    from shared.config import GuidanceMode
+    from shared.grading import extract_gold, states_final_answer
+    from shared.prompts import expert_text, guided_messages, solve_messages
 
     golds = [extract_gold(p.answer, p.solution) for p in problems]
+    modes: list[GuidanceMode] = [params.guidance if p.solution else "answer" for p in problems]
     plain = [engine.render_prompt(solve_messages(p.question)) for p in problems]
     guided = [
-        engine.render_prompt(
-            guided_messages(
-                p.question, p.solution, gold, params.guidance if p.solution else "answer", params.hint_fraction
-            )
-        )
-        for p, gold in zip(problems, golds, strict=True)
+        engine.render_prompt(guided_messages(p.question, p.solution, gold, mode, params.hint_fraction))
+        for p, gold, mode in zip(problems, golds, modes, strict=True)
     ]
     gradable = [i for i, gold in enumerate(golds) if gold is not None]
 
@@ -151,31 +152,57 @@ async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params:
         *(engine.generate(guided[i], sampling(params.resolve_attempts)) for i in gradable),
     )
     tokens = sum(len(s.token_ids) for samples in drawn for s in samples)
-    finished = [
+    answered = [
         (i, stage, s)
         for stage, chunk in enumerate((drawn[: len(gradable)], drawn[len(gradable) :]))
         for i, samples in zip(gradable, chunk, strict=True)
         for s in samples
-        if s.finish_reason == "stop"  # cut responses are never kept, as in the pipeline
+        if s.finish_reason == "stop" and states_final_answer(s.text)  # the pipeline grades only these
     ]
-    verdicts = await grader.grade_batch([(s.text, golds[i] or "") for i, _, s in finished])
+    verdicts = await grader.grade_batch([(s.text, golds[i] or "") for i, _, s in answered])
     correct: dict[int, tuple[list[Any], list[Any]]] = {}
-    for (i, stage, s), ok in zip(finished, verdicts, strict=True):
-        if ok and (stage == 0 or leak_reason(s.text, problems[i].solution, problems[i].question) is None):
+    for (i, stage, s), ok in zip(answered, verdicts, strict=True):
+        if ok and s.text.strip() not in {c.text.strip() for c in correct.get(i, ([], []))[stage]}:
             correct.setdefault(i, ([], []))[stage].append(s)
+    limits = limits_of(params)
+
+    async def guided_keepers(i: int, candidates: list[Any]) -> list[Any]:
+        """The guided responses the pipeline's guidance-dependence filter lets through, up to `keep`."""
+        if not params.guidance_filter:
+            return candidates[: params.keep]
+        p = problems[i]
+        ctx = guidance_context(p.question, p.solution, golds[i] or "", modes[i], params.hint_fraction)
+        kept: list[Any] = []
+        for s in candidates:
+            if len(kept) >= params.keep:
+                break
+            check = text_check(s.text, ctx, limits)
+            if check.reason is None and limits.max_logprob_gain is not None:
+                ours, theirs = await asyncio.gather(
+                    engine.score(plain[i], s.token_ids), engine.score(guided[i], s.token_ids)
+                )
+                check = with_likelihood(check, logprob_gain(ours, theirs), limits)
+            if check.reason is None:
+                kept.append(s)
+        return kept
+
+    unsolved = [i for i in gradable if not correct.get(i, ([], []))[0] and correct.get(i, ([], []))[1]]
+    from_guided = dict(
+        zip(unsolved, await asyncio.gather(*(guided_keepers(i, correct[i][1]) for i in unsolved)), strict=True)
+    )
     to_score: list[tuple[list[int], list[int]]] = []
     solved = {"self": 0, "guided": 0}
     for i, p in enumerate(problems):
-        own, guided_ok = correct.get(i, ([], []))
-        if own or guided_ok:
+        own = correct.get(i, ([], []))[0][: params.keep]
+        chosen = own or from_guided.get(i, [])
+        if chosen:
             solved["self" if own else "guided"] += 1
-        distinct = {s.text.strip(): s for s in (own or guided_ok)}  # self first, then guided
-        chosen = list(distinct.values())[: params.keep]
         to_score += [(plain[i], list(s.token_ids)) for s in chosen]
-        expert = p.solution or p.answer
+        expert = expert_text(p.solution, p.answer, golds[i], params.expert_format)
         if not chosen and expert and (golds[i] is None or params.expert_fallback):
             to_score.append((plain[i], engine.encode_completion(expert)))
-    await asyncio.gather(*(engine.score(prompt, completion) for prompt, completion in to_score))
+    if params.score:
+        await asyncio.gather(*(engine.score(prompt, completion) for prompt, completion in to_score))
     return {"tokens": tokens, "examples": len(to_score), **solved}
 
 

@@ -200,3 +200,29 @@ def test_queue_line_runs_for_real(tmp_path: Path):
     assert row.mindgap.median > 0 and row.baseline.median > 0
     assert row.ratio == pytest.approx(row.mindgap.median / row.baseline.median)
     assert result.info["payload_bytes"] > 5000  # a realistic record: 256 tokens with both log-prob lists
+
+
+async def test_naive_schedule_keeps_what_the_pipeline_keeps_from_more_tokens() -> None:
+    from mindgap.bench.engine_worker import naive_batch
+    from services.fake_engine import FakeEngine
+    from services.pipeline import rewrite_batch
+    from shared.config import StageParams
+    from shared.grading import Grader
+    from shared.schema import Problem
+
+    # the fake's default script: (a + b) % 3 == 2 always right, == 1 right every other sample, == 0 only guided
+    problems = [
+        Problem(id=f"{a}-{b}", question=f"What is {a}+{b}?", answer=str(a + b)) for a in (1, 2, 3) for b in (1, 2)
+    ]
+    params = StageParams(k=4, resolve_attempts=4, keep=1, rounds=2)
+    with Grader(workers=1) as grader:
+        engine = FakeEngine.from_config()
+        outcomes = await rewrite_batch(problems, engine, grader, params)
+        naive_engine = FakeEngine.from_config()
+        naive = await naive_batch(problems, naive_engine, grader, params)
+    stages = [o.stage.value for o in outcomes if o.stage is not None]
+    assert {"self": naive["self"], "guided": naive["guided"]} == {s: stages.count(s) for s in ("self", "guided")}
+    assert naive["examples"] == sum(len(o.examples) for o in outcomes) == len(problems)
+    assert naive["tokens"] > sum(o.generated_tokens for o in outcomes)
+    # params.score is off: both score only for the guidance filter's likelihood check, the same responses
+    assert naive_engine.stats.scored_tokens == engine.stats.scored_tokens > 0
