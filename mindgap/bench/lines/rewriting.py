@@ -40,6 +40,7 @@ class Workload:
     path: Path
     problems: int
     params: StageParams
+    token_target: float | None = None  # most tokens per final example, as a share of the naive schedule's
 
     def spec(self) -> dict[str, Any]:
         """The workload as the engine worker reads it."""
@@ -80,6 +81,7 @@ def run(
             SAMPLE,
             8 if ctx.quick else 16,
             StageParams(k=4, resolve_attempts=4, keep=1, rounds=2, max_tokens=160),
+            token_target=0.6,  # issue 16, on this workload: GSM8K is hardly ever solved, so there is little to save
         ),
     ]
     checkpoint = work / "checkpoint"
@@ -137,6 +139,8 @@ def _rewrite_rows(runs: dict[str, list[dict[str, float]]], w: Workload, model: s
             baseline=summarize([r["tokens"] / r["examples"] for r in naive]),
             baseline_name="naive: k + all re-solve attempts for every problem",
             higher_is_better=False,
+            target=w.token_target,
+            target_op="<=",
             note=f"{shape}, {p.rounds} rounds per stage, max_tokens={p.max_tokens}; {solved_note}",
         ),
         Row(
@@ -148,6 +152,8 @@ def _rewrite_rows(runs: dict[str, list[dict[str, float]]], w: Workload, model: s
             baseline=summarize([r["seconds"] for r in naive]),
             baseline_name="naive schedule, one batch",
             higher_is_better=False,
+            target=1.0,
+            target_op="<=",
             note="the same runs; both include grading and the guidance filter's checks, and scoring only"
             f" when the job asks (score={p.score}); the pipeline runs each problem through its stages at its own"
             " pace and ends a round at its first keeper, the naive schedule sends everything at once.",
