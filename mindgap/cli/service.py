@@ -206,7 +206,8 @@ def _follow(client: MindgapClient, job_id: str) -> JobStatus:
         def show(s: JobStatus) -> None:
             total = s.problems * s.epochs if s.epochs else None
             stages = " ".join(f"{k} {v}" for k, v in s.stages.items())
-            progress.update(task, completed=s.problems_done, total=total, stages=f"{s.state} · {stages}")
+            state = f"waiting: {s.waiting}" if s.waiting else s.state
+            progress.update(task, completed=s.problems_done, total=total, stages=f"{state} · {stages}")
 
         status: JobStatus = _service_call(client.wait, job_id, poll_s=0.5, on_progress=show)
     return status
@@ -243,6 +244,8 @@ def status(
     console.print(table)
     for err in s.errors:
         console.print(f"[yellow]line {err.line}:[/] {err.message}")
+    if s.waiting:
+        console.print(f"[yellow]waiting:[/] {s.waiting}")
     if s.error:
         console.print(f"[red]error:[/] {s.error}")
 
