@@ -100,9 +100,14 @@ def _serve(cfg: Any) -> int:
     )
     engine_failure = _EngineStartFailure()
     logging.getLogger("uvicorn.error").addFilter(engine_failure)
-    server.run()  # SIGINT/SIGTERM: stop accepting, drain connections, then the lifespan drains the worker
+    try:
+        server.run()  # SIGINT/SIGTERM: stop accepting, drain connections, then the lifespan drains the worker
+    except SystemExit:  # uvicorn exits (status 3) when the app's startup failed
+        if engine_failure.message is None:
+            raise
     if engine_failure.message is not None:
         fail(engine_failure.message)  # printed here; the exit status is returned
+        return 1
     return 0 if server.started else 1
 
 
