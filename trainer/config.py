@@ -47,7 +47,13 @@ class TrainerConfig(MindgapSettings):
     loss: LossName = "dft"
     is_level: IsLevel = "token"
     is_geometric: bool = Field(False, description="sequence level: per-token geometric mean of the ratio")
-    is_clip: float = Field(2.0, gt=0, description="importance weights are truncated at this value")
+    is_clip: float = Field(2.0, gt=0, description="importance weights are truncated above at this value")
+    is_clip_min: float | None = Field(
+        None,
+        ge=0,
+        description="importance weights are truncated below at this value; None: 1/is_clip at"
+        " sequence level, 0 (none) at token level",
+    )
     expert_fallback: Fallback = Field("dft", description="loss for expert records (no behaviour log-probs) under is")
     kl_coef: float = Field(0.0, ge=0, description="β of the k3 KL penalty to the frozen reference (0: no reference)")
     max_staleness: int | None = Field(None, ge=0, description="examples older than current version − S are affected")
@@ -82,6 +88,8 @@ class TrainerConfig(MindgapSettings):
 
     @model_validator(mode="after")
     def _batch_shape(self) -> Self:
+        if self.is_clip_min is not None and self.is_clip_min >= self.is_clip:
+            raise ValueError(f"is_clip_min {self.is_clip_min} must be below is_clip {self.is_clip}")
         if self.batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"

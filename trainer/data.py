@@ -32,11 +32,12 @@ from shared.dataio import read_examples
 from shared.keys import TRAINER_GROUP, Keys
 from shared.prompts import render_prompt_ids
 from shared.retry import async_redis, retry_async
-from shared.schema import Example
+from shared.schema import Example, Stage
 
 log = logging.getLogger("mindgap.trainer.data")
 
 T = TypeVar("T")
+_STAGE_INDEX = {s.value: i for i, s in enumerate(Stage)}  # the row order of trainer.losses.STAGES
 
 
 @dataclass
@@ -51,6 +52,10 @@ class TrainItem:
     policy_version: int
     stage: str
     weight: float = 1.0  # staleness down-weighting multiplies this
+    # The distribution `behavior` is under (the record's `sampling`); 1/1 for schema-1 records, which
+    # carry none and were trained with temperature-1 ratios.
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     @property
     def n_completion(self) -> int:
@@ -70,6 +75,7 @@ def prepare_item(example: Example, tokenizer: Any, max_seq_len: int, entry_id: s
     vocab = len(tokenizer)
     if any(t < 0 or t >= vocab for t in example.completion_token_ids):
         raise ValueError(f"completion_token_ids contain ids outside the tokenizer's vocabulary of {vocab}")
+    sampling = example.sampling
     return TrainItem(
         example_id=example.id,
         entry_id=entry_id,
@@ -78,6 +84,8 @@ def prepare_item(example: Example, tokenizer: Any, max_seq_len: int, entry_id: s
         behavior=example.behavior_logprobs,
         policy_version=example.policy_version,
         stage=example.stage.value,
+        temperature=1.0 if sampling is None else sampling.temperature,
+        top_p=1.0 if sampling is None else sampling.top_p,
     )
 
 
@@ -92,6 +100,9 @@ class Batch:
     behavior: Tensor  # [B, L-1] behaviour log-probs at completion positions, 0 elsewhere
     has_behavior: Tensor  # [B] bool
     example_weight: Tensor  # [B] staleness weight (0 for a padding item)
+    temperature: Tensor  # [B] the sampling temperature behind `behavior` (1 without)
+    top_p: Tensor  # [B] the sampling nucleus behind `behavior` (1 without)
+    stage: Tensor  # [B] long: index into `trainer.losses.STAGES`
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device`."""
@@ -123,6 +134,9 @@ def collate(items: Sequence[TrainItem], pad_id: int, zero_weight: bool = False) 
         behavior=behavior,
         has_behavior=torch.tensor([it.behavior is not None for it in items]),
         example_weight=weights,
+        temperature=torch.tensor([it.temperature for it in items]),
+        top_p=torch.tensor([it.top_p for it in items]),
+        stage=torch.tensor([_STAGE_INDEX[it.stage] for it in items], dtype=torch.long),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,25 @@ from shared.keys import Keys
 from shared.retry import TRANSIENT, retry_sync, sync_redis
 
 log = logging.getLogger("mindgap.trainer.publish")
+
+GAP_PREFIX = "gap/"  # step metrics `gap/<stage>/<metric>` (trainer.losses.gap_metrics), in progress too
+
+
+def gap_line(metrics: Mapping[Any, Any]) -> str:
+    """The per-stage policy gap of a step in a few words, from its `gap/<stage>/<metric>` entries.
+
+    E.g. "self nll 0.41 p<0.1 6% ess 0.99 · expert nll 1.32 p<0.1 25%"; `ess` is the token ratios'
+    normalised ESS (stages with behaviour log-probs only). Values may be numbers or their text (a
+    Redis hash); "" when there are none.
+    """
+    parts = []
+    for stage in ("self", "guided", "expert"):
+        nll, low, ess = (metrics.get(f"{GAP_PREFIX}{stage}/{m}") for m in ("nll", "share_below_p", "is_ratio_ess"))
+        if nll is None or low is None:
+            continue
+        text = f"{stage} nll {float(nll):.2f} p<0.1 {100 * float(low):.0f}%"
+        parts.append(text + (f" ess {float(ess):.2f}" if ess is not None else ""))
+    return " · ".join(parts)
 
 
 class Announcer:

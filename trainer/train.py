@@ -29,8 +29,18 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.data import FileSource, RedisSource, Source, TrainItem, collate, prepare_item
 from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
-from trainer.losses import LossSpec, micro_batch_terms, normalised_ess, token_logprobs
-from trainer.publish import Announcer
+from trainer.losses import (
+    GAP_FIELDS,
+    STAGES,
+    LossSpec,
+    gap_metrics,
+    gap_sums,
+    micro_batch_terms,
+    normalised_ess,
+    sampling_logprobs,
+    token_logprobs,
+)
+from trainer.publish import GAP_PREFIX, Announcer, gap_line
 
 log = logging.getLogger("mindgap.trainer")
 
@@ -62,6 +72,7 @@ def train_step(
     global_tokens = sum(it.n_completion for it in items)
     mine = items[dist.rank :: dist.world]
     sums = torch.zeros(len(_SUMS), dtype=torch.float64)
+    gap = torch.zeros(len(STAGES), len(GAP_FIELDS), dtype=torch.float64)
     weight_max = torch.zeros((), dtype=torch.float64)
     grad_norm: float | None = None
     for k in range(accum):
@@ -71,13 +82,17 @@ def train_step(
         batch = collate(chunk or items[:1], pad_id, zero_weight=not chunk).to(dist.device)
         logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         logp = token_logprobs(logits, batch.targets)
+        # log π_θ under each record's sampling distribution: the policy side of its importance ratio.
+        ratio_logp = sampling_logprobs(
+            logits, logp, batch.targets, batch.mask, batch.temperature, batch.top_p, batch.has_behavior
+        )
         ref_logp = None
         if ref is not None:
             with torch.no_grad():
                 ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
                 ref_logp = token_logprobs(ref_logits, batch.targets)
         terms = micro_batch_terms(
-            logp, batch.mask, batch.behavior, batch.has_behavior, batch.example_weight, spec, ref_logp
+            logp, batch.mask, batch.behavior, batch.has_behavior, batch.example_weight, spec, ref_logp, ratio_logp
         )
         engine.backward(terms.loss_sum / global_tokens * dist.world, scale_wrt_gas=False)
         if k == accum - 1 and not engine.zero_optimization() and not engine.bfloat16_enabled():
@@ -86,9 +101,11 @@ def train_step(
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         sums += torch.stack([getattr(terms, name).detach().double().cpu() for name in _SUMS])
         weight_max = torch.maximum(weight_max, terms.is_weight_max.detach().double().cpu())
+        gap += gap_sums(logp, ratio_logp, batch.behavior, batch.mask, batch.has_behavior, batch.stage).cpu()
     # Reduced on the rank's device: NCCL has no CPU tensors.
-    sums, weight_max = sums.to(dist.device), weight_max.to(dist.device)
+    sums, weight_max, gap = sums.to(dist.device), weight_max.to(dist.device), gap.to(dist.device)
     torch_dist.all_reduce(sums)
+    torch_dist.all_reduce(gap)
     torch_dist.all_reduce(weight_max, op=torch_dist.ReduceOp.MAX)
     s = dict(zip(_SUMS, sums.tolist(), strict=True))
     if grad_norm is None:
@@ -105,6 +122,12 @@ def train_step(
         "is_weight_max": float(weight_max) if s["is_tokens"] else float("nan"),
         "is_ess": normalised_ess(s["is_weight_sum"], s["is_weight_sq_sum"], s["is_tokens"]),
         "is_clip_frac": s["is_clipped"] / s["is_tokens"] if s["is_tokens"] else 0.0,
+        # the policy gap per stage, from the log-probs computed above: `gap/<stage>/<metric>`
+        **{
+            f"gap/{stage}/{name}": value
+            for stage, metrics in gap_metrics(gap.tolist()).items()
+            for name, value in metrics.items()
+        },
     }
 
 
@@ -154,22 +177,24 @@ class Metrics:
         stages = " ".join(f"{s}={self.stages[s]}" for s in ("self", "guided", "expert"))
         log.info(
             "step %d v%d | loss %.4f nll %.4f | gnorm %.3f | lr %.2e | %.0f tok/s | "
-            "is w mean %.3g max %.3g ess %.3f clip %.3f | kl %.4f | %s | lag %.2f",
+            "is w mean %.3g max %.3g ess %.3f clip %.3f | kl %.4f | %s | lag %.2f | gap %s",
             step, version, row["loss"], row["nll"], row["grad_norm"], row["lr"], row["tokens_per_s"],
             row["is_weight_mean"], row["is_weight_max"], row["is_ess"], row["is_clip_frac"], row["kl"],
-            stages, lag,
+            stages, lag, gap_line(row),
         )  # fmt: skip
         if self.writer is not None:
             for name, value in row.items():
                 if name not in ("step", "version"):
-                    self.writer.add_scalar(f"train/{name}", value, step)
+                    # gap/<stage>/<metric> gets its own TensorBoard section
+                    self.writer.add_scalar(name if name.startswith(GAP_PREFIX) else f"train/{name}", value, step)
             for stage, n in self.stages.items():
                 self.writer.add_scalar(f"examples/{stage}", n, step)
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(row | {"stages": dict(self.stages)}) + "\n")
             self.jsonl.flush()
         if self.announcer is not None:
-            self.announcer.progress({"step": step, "loss": f"{row['loss']:.4f}", "version": version, "lag": lag})
+            gap = {k: f"{v:.4g}" for k, v in row.items() if k.startswith(GAP_PREFIX)}
+            self.announcer.progress({"step": step, "loss": f"{row['loss']:.4f}", "version": version, "lag": lag} | gap)
 
     def close(self) -> None:
         """Flush and close outputs."""

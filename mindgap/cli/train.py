@@ -51,7 +51,10 @@ def train(
     is_geometric: bool | None = typer.Option(
         None, "--is-geometric/--no-is-geometric", help="sequence level: per-token geometric mean of the ratio"
     ),
-    is_clip: float | None = typer.Option(None, help="truncate importance weights at C"),
+    is_clip: float | None = typer.Option(None, help="truncate importance weights above at C"),
+    is_clip_min: float | None = typer.Option(
+        None, help="truncate importance weights below (default 1/C at sequence level, none at token level)"
+    ),
     expert_fallback: str | None = typer.Option(None, help="loss for expert records under --loss is: dft | sft"),
     kl_coef: float | None = typer.Option(None, help="β of the k3 KL penalty to the frozen reference (0 = off)"),
     ref_model: str | None = typer.Option(None, help="KL reference model (default: --model)"),

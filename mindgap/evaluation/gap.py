@@ -8,13 +8,18 @@ chat template, exactly what the trainer will train on — giving per-token log-p
   expert fallback does) is tokenized with `engine.encode_completion` and scored; its stage is `expert`;
 - a records file (`mindgap rewrite` output): each record's own `completion_token_ids` are scored again
   (`rescore`, the default, so two datasets are measured with the same weights), or its stored
-  `target_logprobs` are reused when they were made by the same model.
+  `target_logprobs` are reused when they were made by the same model (records written without
+  scoring have none: they must be rescored).
 
 From those: the token log-prob histogram, mean token NLL, share of tokens with p < 0.1, and two kinds of
 sequence weights, kept apart because they answer different questions:
 
 - `behavior_ratio` — only for records that carry `behavior_logprobs` (stages self and guided):
-  log w = Σ_t (target_t − behavior_t), the sequence importance ratio the trainer's IS loss would use.
+  log w = Σ_t (sampled_t − behavior_t), the sequence importance ratio the trainer's IS loss uses, with
+  `sampled_t` the model's log-prob under the record's own sampling distribution (logits / temperature,
+  then its top-p nucleus), computed by the trainer's own code (`sampled_logprobs`, transformers), since
+  vLLM's prompt log-probs exist at temperature 1 only. A record sampled at temperature 1 without top-p,
+  or a schema-1 record (no `sampling`), uses `target_t`. So the policy's own samples weigh 1.
 - `deterministic_behavior` — for every response, expert ones included, whose behaviour policy is
   unknown: the writer is treated as a deterministic policy (probability 1 for the text it wrote), so
   log w = Σ_t target_t, the response's log-probability under the model. Its per-token mean (the log of
@@ -30,7 +35,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +45,7 @@ from services.engine import Engine
 from mindgap.evaluation import estimators as stats
 from shared.config import EngineConfig, MindgapSettings
 from shared.dataio import DataError, FieldMap, iter_rows, parse_field_specs, read_examples, read_problems
+from shared.model_source import resolve_model
 from shared.prompts import solve_messages
 from shared.schema import Example, Problem, Stage
 
@@ -51,11 +57,16 @@ STAGE_ORDER = [s.value for s in Stage]
 
 @dataclass(frozen=True)
 class Scored:
-    """One response's per-token log-probs under the report's model, and under its behaviour policy if known."""
+    """One response's per-token log-probs under the report's model, and under its behaviour policy if known.
+
+    `sampled`: the model's log-probs under the response's sampling distribution, the policy side of the
+    importance ratio (None where there is no behaviour, or it could not be computed: `--no-rescore`).
+    """
 
     stage: str
     target: list[float]
     behavior: list[float] | None = None
+    sampled: list[float] | None = None
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -127,8 +138,63 @@ async def score_records(
         calls = [engine.score(engine.render_prompt(ex.prompt), ex.completion_token_ids) for ex in examples]
         targets = await _gather_chunked(calls, chunk)
     else:
-        targets = [ex.target_logprobs for ex in examples]
-    return [Scored(ex.stage.value, list(t), ex.behavior_logprobs) for ex, t in zip(examples, targets, strict=True)]
+        missing = [ex.id for ex in examples if ex.target_logprobs is None]
+        if missing:
+            raise DataError(
+                f"{len(missing)} records have no target_logprobs (scoring was off when they were written, e.g."
+                f" {missing[0]}): rescore them (drop --no-rescore)"
+            )
+        targets = [ex.target_logprobs or [] for ex in examples]
+    return [
+        Scored(ex.stage.value, list(t), ex.behavior_logprobs, list(t) if _at_temperature_one(ex) else None)
+        for ex, t in zip(examples, targets, strict=True)
+    ]
+
+
+def _at_temperature_one(ex: Example) -> bool:
+    """Whether a record with behaviour log-probs was sampled from the plain temperature-1 distribution."""
+    s = ex.sampling
+    return ex.behavior_logprobs is not None and (s is None or (s.temperature == 1.0 and s.top_p >= 1.0))
+
+
+def needs_sampled(ex: Example) -> bool:
+    """Whether a record's importance ratio needs the model at its sampling temperature / top-p."""
+    return ex.behavior_logprobs is not None and not _at_temperature_one(ex)
+
+
+def sampled_logprobs(model: str, examples: Sequence[Example], batch_size: int = 4) -> list[list[float]]:
+    """Each record's completion log-probs under `model` at the record's sampling temperature and top-p.
+
+    The trainer's own code on the training prompt (`trainer.data.prepare_item`, `collate`,
+    `trainer.losses.sampling_logprobs`), in float32 with transformers: the ratio of the report is the ratio
+    the IS loss takes. Run after the vLLM engine is shut down, so the two never share an accelerator.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.data import collate, prepare_item
+    from trainer.losses import sampling_logprobs, token_logprobs
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    net = net.to(device).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    max_len = int(getattr(net.config, "max_position_embeddings", 1 << 20))
+    out: list[list[float]] = []
+    for i in range(0, len(examples), batch_size):
+        try:
+            items = [prepare_item(ex, tokenizer, max_len, ex.id) for ex in examples[i : i + batch_size]]
+        except ValueError as exc:
+            raise DataError(f"a record cannot be scored by {model}: {exc}") from exc
+        b = collate(items, pad).to(device)
+        with torch.no_grad():
+            logits = net(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            logp = token_logprobs(logits, b.targets)
+            lp = sampling_logprobs(logits, logp, b.targets, b.mask, b.temperature, b.top_p, b.has_behavior)
+        out.extend(row[m > 0].tolist() for row, m in zip(lp.cpu(), b.mask.cpu(), strict=True))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -148,15 +214,18 @@ def summarise(seqs: Sequence[Scored]) -> dict[str, Any]:
     out: dict[str, Any] = {"tokens": stats.as_json(stats.token_stats([s.target for s in seqs]))}
     lengths = [len(s.target) for s in seqs]
     out["deterministic_behavior"] = _weights([sum(s.target) for s in seqs], lengths)
-    with_behavior = [s for s in seqs if s.behavior is not None]
+    with_behavior = [s for s in seqs if s.behavior is not None and s.sampled is not None]
     out["behavior_ratio"] = (
         _weights(
-            [stats.sequence_log_ratio(s.target, s.behavior) for s in with_behavior if s.behavior is not None],
+            [stats.sequence_log_ratio(s.sampled or [], s.behavior or []) for s in with_behavior],
             [len(s.target) for s in with_behavior],
         )
         if with_behavior
         else None
     )
+    # records with behaviour log-probs whose ratio needs the model at their sampling temperature, which
+    # stored (temperature-1) target log-probs cannot give: left out of behavior_ratio, counted here
+    out["ratio_unavailable"] = sum(1 for s in seqs if s.behavior is not None and s.sampled is None)
     return out
 
 
@@ -180,7 +249,11 @@ DEFINITIONS = {
     "token_logprob": "log π(y_t | prompt(q), y_<t) under the model, temperature 1, training prompt (chat template)",
     "mean_nll": "−mean token log-prob over all tokens; mean_sequence_nll averages per-sequence means",
     "share_below_p": f"share of tokens with probability below {stats.LOW_PROB}",
-    "behavior_ratio": "records with behavior_logprobs only: log w = Σ_t (target_t − behavior_t)",
+    "behavior_ratio": (
+        "records with behavior_logprobs only: log w = Σ_t (sampled_t − behavior_t), sampled_t the model's log-prob"
+        " under the record's sampling temperature and top-p (the trainer's IS ratio; 1 on the policy's own samples)"
+    ),
+    "ratio_unavailable": "records left out of behavior_ratio: sampled at T≠1 or top-p<1 and not rescored",
     "deterministic_behavior": (
         "every response, expert included: the writer is taken as deterministic (p = 1 for its text), "
         "so log w = Σ_t target_t; per_token_mean divides by the length (log geometric-mean token probability)"
@@ -293,7 +366,11 @@ class GapConfig(MindgapSettings):
     labels: list[str] = Field(default_factory=list, description="dataset names (default: file stems)")
     fields: list[str] = Field(default_factory=list, description="field mapping for problems files")
     limit: int | None = Field(None, ge=1, description="first N problems or records of each file")
-    rescore: bool = Field(True, description="score records again instead of reusing their target_logprobs")
+    rescore: bool = Field(
+        True,
+        description="score records again instead of reusing their target_logprobs; also what computes the"
+        " importance ratio of records sampled at a temperature other than 1",
+    )
     chunk_size: int = Field(256, ge=1, description="scoring requests sent to the engine at once")
     backend: Literal["vllm", "fake"] = "vllm"
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -340,6 +417,20 @@ async def run_gap(cfg: GapConfig) -> dict[str, Any]:
     finally:
         if engine is not None:
             await engine.shutdown()
+    sampled_records = [
+        (name, k, ex)
+        for name, _, kind, data in loaded
+        if kind == "records"
+        for k, ex in enumerate(data)
+        if isinstance(ex, Example) and needs_sampled(ex)
+    ]
+    if cfg.rescore and sampled_records:
+        log.info("%d records: log-probs at their sampling temperature (transformers)", len(sampled_records))
+        values = sampled_logprobs(cfg.engine.model, [ex for _, _, ex in sampled_records])
+        by_name = dict(groups)
+        for (name, k, _), lp in zip(sampled_records, values, strict=True):
+            by_name[name][k] = replace(by_name[name][k], sampled=lp)
+        sections = [dataset_report(n, p, kind, by_name[n]) for n, p, kind, _ in loaded]
     rep = gap_report(cfg.engine.model, sections, rescored=cfg.rescore)
     write_outputs(rep, groups, cfg.output_dir)
     return rep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,8 @@ from mindgap.evaluation.gap import (
     detect_kind,
     load_raw,
     load_records,
+    needs_sampled,
+    sampled_logprobs,
     score_problems,
     score_records,
     summarise,
@@ -24,10 +27,11 @@ from mindgap.evaluation.gap import (
 from services.fake_engine import FakeEngine
 from services.pipeline import rewrite_batch
 from shared.config import StageParams
-from shared.dataio import atomic_write_jsonl
+from shared.dataio import DataError, atomic_write_jsonl
 from shared.grading import Grader
-from shared.prompts import solve_messages
-from shared.schema import Problem, Stage
+from shared.prompts import render_prompt_ids, solve_messages
+from shared.schema import ChatMessage, Example, Problem, Sampling, Stage
+from tests.support.sampling import draw
 
 PROBLEMS = [
     Problem(id="a", question="What is 1+1?", answer="2", solution="1 + 1 = 2\n#### 2"),  # self
@@ -60,7 +64,8 @@ async def records_file(tmp_path: Path) -> Path:
 
 def test_summarise_by_hand() -> None:
     seqs = [
-        Scored("self", [math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.5)]),
+        # sampled at temperature 1: the ratio's policy side is the target itself
+        Scored("self", [math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.5)], [math.log(0.5)] * 2),
         Scored("expert", [math.log(0.1)]),
     ]
     s = summarise(seqs)
@@ -80,7 +85,11 @@ def test_summarise_by_hand() -> None:
 
 
 def test_dataset_report_splits_by_stage_in_pipeline_order() -> None:
-    seqs = [Scored("expert", [-1.0]), Scored("self", [-0.5, -0.2], [-0.4, -0.3]), Scored("guided", [-2.0], [-1.0])]
+    seqs = [
+        Scored("expert", [-1.0]),
+        Scored("self", [-0.5, -0.2], [-0.4, -0.3], [-0.5, -0.2]),
+        Scored("guided", [-2.0], [-1.0], [-2.0]),
+    ]
     rep = dataset_report("d", Path("d.jsonl"), "records", seqs)
     assert list(rep["by_stage"]) == ["self", "guided", "expert"]
     assert rep["stage_counts"] == {"self": 1, "guided": 1, "expert": 1}
@@ -119,15 +128,21 @@ def test_detect_kind(raw_file: Path, records_file: Path) -> None:
     assert detect_kind(records_file) == "records"
 
 
-def test_gap_cli_two_datasets_side_by_side(raw_file: Path, records_file: Path, tmp_path: Path) -> None:
+def test_gap_cli_two_datasets_side_by_side(
+    raw_file: Path, records_file: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     out = tmp_path / "gap"
-    result = invoke(raw_file, records_file, "--labels", "raw", "--labels", "rewritten", "-o", out, "--backend", "fake")
+    # the fake engine scores; --model is what computes the ratios at the records' temperature 0.7
+    labels = ("--labels", "raw", "--labels", "rewritten")
+    result = invoke(raw_file, records_file, *labels, "-o", out, "--backend", "fake", "--model", tiny_model_dir)
     assert result.exit_code == 0, result.output
     rep = json.loads((out / "gap.json").read_text())
     raw, rewritten = rep["datasets"]
     assert (raw["name"], raw["kind"], raw["stage_counts"]) == ("raw", "problems", {"expert": 3})
     assert rewritten["kind"] == "records" and rewritten["stage_counts"] == {"self": 1, "guided": 1, "expert": 1}
     assert raw["all"]["behavior_ratio"] is None and rewritten["all"]["behavior_ratio"] is not None
+    assert rewritten["all"]["behavior_ratio"]["sequence"]["sequences"] == 2
+    assert rewritten["all"]["ratio_unavailable"] == 0
     assert rep["rescored"] is True and "deterministic_behavior" in rep["definitions"]
     md = (out / "gap.md").read_text()
     assert "| raw | expert | 3 |" in md and "| rewritten | all | 3 |" in md and "| rewritten | guided | 1 |" in md
@@ -140,6 +155,57 @@ def test_gap_cli_reuses_stored_logprobs_without_an_engine(records_file: Path, tm
     assert result.exit_code == 0, result.output
     rep = json.loads((tmp_path / "g" / "gap.json").read_text())
     assert rep["rescored"] is False and rep["datasets"][0]["name"] == "rewritten"
+    # stored log-probs are at temperature 1: the ratios at the sampling temperature need the model
+    assert rep["datasets"][0]["all"]["behavior_ratio"] is None
+    assert rep["datasets"][0]["all"]["ratio_unavailable"] == 2
+
+
+def test_records_without_target_logprobs_are_rescored(tmp_path: Path) -> None:
+    async def rewrite() -> list[Example]:
+        with Grader(workers=1, timeout=10) as grader:
+            outcomes = await rewrite_batch(PROBLEMS, FakeEngine(), grader, StageParams(k=2, resolve_attempts=2))
+        return [ex for o in outcomes for ex in o.examples]
+
+    examples = asyncio.run(rewrite())
+    assert all(ex.target_logprobs is None for ex in examples)  # scoring is off by default
+    rescored = asyncio.run(score_records(FakeEngine(), examples))
+    assert [len(s.target) for s in rescored] == [len(ex.completion_token_ids) for ex in examples]
+    with pytest.raises(DataError, match=r"3 records have no target_logprobs .*\(drop --no-rescore\)"):
+        asyncio.run(score_records(None, examples, rescore=False))
+    path = tmp_path / "unscored.jsonl"
+    atomic_write_jsonl(path, examples)
+    result = invoke(path, "--no-rescore", "-o", tmp_path / "g")
+    assert result.exit_code == 2 and "drop --no-rescore" in result.output and "Traceback" not in result.output
+
+
+def test_behaviour_ratio_of_the_models_own_samples_is_one(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt = solve_messages("What is two plus three?")
+    completions, behaviour = draw(model, render_prompt_ids(tokenizer, prompt), 0.7, 0.9, n=8, length=12)
+    examples = [
+        Example(
+            id=f"s{i}",
+            problem_id="p",
+            prompt=prompt,
+            completion=[ChatMessage(role="assistant", content=tokenizer.decode(c))],
+            completion_token_ids=c,
+            stage=Stage.SELF,
+            policy_version=0,
+            sampling=Sampling(temperature=0.7, top_p=0.9),
+            behavior_logprobs=b,
+            answer="5",
+            grade="correct",
+        )
+        for i, (c, b) in enumerate(zip(completions, behaviour, strict=True))
+    ]
+    assert all(needs_sampled(ex) for ex in examples)
+    sampled = sampled_logprobs(str(tiny_model_dir), examples)
+    seqs = [Scored("self", s, ex.behavior_logprobs, s) for s, ex in zip(sampled, examples, strict=True)]
+    ratio = summarise(seqs)["behavior_ratio"]["sequence"]
+    assert abs(ratio["mean"]) < 1e-3 and ratio["ess"] > 0.99  # log weights ≈ 0: weights ≈ 1
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from mindgap.up import (
     run_up,
 )
 from shared.wire import PolicyStatus, ReloadRecord
+from trainer.publish import gap_line
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample.jsonl"
@@ -154,6 +155,21 @@ def test_status_line_shows_version_mix_loss_and_lag() -> None:
         "policy v2 (published v3) · 10 examples: self 60% guided 20% expert 20% · step 30 loss 0.5000 · lag 4 · 01:15"
     )
     assert "no examples yet" in LoopStatus(elapsed_s=0, served_version=0).line()
+
+
+def test_status_line_shows_the_trainers_policy_gap() -> None:
+    # as the trainer publishes them: text values in its progress hash, one stage without IS ratios
+    progress = {
+        "step": "7",
+        "gap/self/nll": "0.4123",
+        "gap/self/share_below_p": "0.0625",
+        "gap/self/is_ratio_ess": "0.987",
+        "gap/expert/nll": "1.318",
+        "gap/expert/share_below_p": "0.25",
+    }
+    line = LoopStatus(elapsed_s=5, served_version=1, step=7, gap=gap_line(progress)).line()
+    assert "step 7 · gap self nll 0.41 p<0.1 6% ess 0.99 · expert nll 1.32 p<0.1 25% · 00:05" in line
+    assert gap_line({"step": "3"}) == ""
 
 
 def _plan(tmp_path: Path, record: Path, *, trainer_args: tuple[str, ...] = (), **cfg: object) -> UpPlan:
@@ -302,6 +318,13 @@ def test_up_cli_names_a_bad_option_value_in_one_line() -> None:
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: invalid configuration: ")
     assert "loss: " in line and "max_versions: " in line
+
+
+def test_up_passes_verbose_to_its_children(tmp_path: Path) -> None:
+    quiet = UpPlan.from_config(UpConfig(data=SAMPLE, run_dir=tmp_path / "quiet"))
+    assert "-v" not in quiet.service.argv and "-v" not in quiet.trainer.argv
+    loud = UpPlan.from_config(UpConfig(data=SAMPLE, run_dir=tmp_path / "loud", verbose=True))
+    assert loud.service.argv[-1] == loud.trainer.argv[-1] == "-v"
 
 
 def test_up_passes_verbose_to_its_children(tmp_path: Path) -> None:

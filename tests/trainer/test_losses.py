@@ -9,6 +9,8 @@ import torch
 
 from trainer.losses import (
     LossSpec,
+    gap_metrics,
+    gap_sums,
     k3_kl,
     micro_batch_terms,
     normalised_ess,
@@ -178,3 +180,47 @@ def test_normalised_ess():
     assert normalised_ess(4.0, 4.0, 4) == pytest.approx(1.0)  # four weights of 1
     assert normalised_ess(1.0, 1.0, 4) == pytest.approx(0.25)  # one weight carries everything
     assert normalised_ess(0.0, 0.0, 0) == 1.0
+
+
+def test_sequence_weights_are_truncated_from_below_by_default():
+    logp = _leaf([[-1.0, -1.0], [-1.0, -1.0]])
+    behavior = torch.tensor([[-0.5, -0.5], [-1.0, -1.25]], dtype=torch.float64)  # sequence ratios e^-1, e^0.25
+    has, mask = torch.ones(2, dtype=torch.bool), torch.ones_like(logp)
+    w, clipped = token_weights(logp, behavior, has, mask, LossSpec("is", is_level="sequence", is_clip=2.0))
+    assert w[:, 0].tolist() == pytest.approx([0.5, math.exp(0.25)])  # e^-1 < 1/C = 0.5 is raised to it
+    assert clipped.tolist() == [[True, True], [False, False]]
+    # token level has no lower bound unless asked for one
+    tok, _ = token_weights(logp, behavior, has, mask, LossSpec("is", is_clip=2.0))
+    assert tok[0].tolist() == pytest.approx([math.exp(-0.5)] * 2)
+    low, _ = token_weights(logp, behavior, has, mask, LossSpec("is", is_clip=2.0, is_clip_min=0.8))
+    assert low[0].tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_ratio_uses_the_sampling_log_probs_when_given():
+    logp = _leaf([[-2.0, -2.0]])
+    behavior = torch.tensor([[-1.0, -1.5]], dtype=torch.float64)
+    at_sampling = torch.tensor([[-1.0, -1.5]], dtype=torch.float64)  # log π_θ at the record's temperature
+    has, mask = torch.ones(1, dtype=torch.bool), torch.ones_like(logp)
+    spec = LossSpec("is", is_clip=2.0)
+    assert token_weights(logp, behavior, has, mask, spec, at_sampling)[0].tolist() == [[1.0, 1.0]]
+    t = micro_batch_terms(logp, mask, behavior, has, torch.ones(1), spec, None, at_sampling)
+    assert t.loss_sum.item() == pytest.approx(4.0)  # weight 1 on the temperature-1 NLL 2 + 2
+
+
+def test_gap_metrics_by_hand():
+    # rows: a self record (2 tokens), an expert record (1 token), a zero-weight stand-in (no tokens)
+    logp = torch.tensor([[math.log(0.5), math.log(0.05)], [math.log(0.2), 0.0], [0.0, 0.0]], dtype=torch.float64)
+    ratio_logp = torch.tensor([[math.log(0.5), math.log(0.1)], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    behavior = torch.tensor([[math.log(0.25), math.log(0.1)], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    has = torch.tensor([True, False, True])
+    stage = torch.tensor([0, 2, 1])  # self, expert, guided
+    m = gap_metrics(gap_sums(logp, ratio_logp, behavior, mask, has, stage).tolist())
+    assert set(m) == {"self", "expert"}  # the stand-in adds nothing, not even an empty guided entry
+    assert m["self"]["nll"] == pytest.approx((math.log(2) + math.log(20)) / 2)
+    assert m["self"]["share_below_p"] == 0.5  # 0.05 < 0.1
+    # token ratios 2 and 1; the sequence ratio 2
+    assert m["self"]["is_ratio_mean"] == pytest.approx(1.5)
+    assert m["self"]["is_ratio_ess"] == pytest.approx(9 / (2 * 5))
+    assert m["self"]["is_seq_ratio_mean"] == pytest.approx(2.0) and m["self"]["is_seq_ratio_ess"] == 1.0
+    assert m["expert"] == pytest.approx({"nll": math.log(5), "share_below_p": 0.0})

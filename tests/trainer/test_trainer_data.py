@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
+from shared.keys import Keys
 from shared.prompts import render_prompt_ids
+from shared.schema import Example, Sampling
 from tests.support.trainer import make_examples, write_jsonl
 from trainer.config import TrainerConfig
-from trainer.data import FileSource, TrainItem, collate, prepare_item
+from trainer.data import FileSource, RedisSource, TrainItem, collate, prepare_item
 from trainer.train import apply_staleness
 from trainer.zero import lr_lambda
 
@@ -101,3 +107,41 @@ def test_warmup_then_cosine_to_floor():
     assert lr_lambda(12, 4, 20, 0.1) == pytest.approx(0.55)
     assert lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_lambda(50, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def _v1_record(ex: Example) -> dict[str, Any]:
+    """`ex` as a schema_version 1 writer stored it: no `sampling`, `target_logprobs` always present."""
+    row = json.loads(ex.model_dump_json(exclude={"sampling"}))
+    return row | {"schema_version": 1, "target_logprobs": [-1.0] * len(ex.completion_token_ids)}
+
+
+def test_items_carry_the_sampling_distribution_and_v1_records_train_at_temperature_one(
+    tmp_path: Path, tokenizer, tiny_model_dir: Path
+) -> None:
+    ex = make_examples(tiny_model_dir, 1)[0].model_copy(update={"sampling": Sampling(temperature=0.7, top_p=0.9)})
+    item = prepare_item(ex, tokenizer, 512, "e1")
+    assert (item.temperature, item.top_p, item.stage) == (0.7, 0.9, "self")
+    batch = collate([item, TrainItem("b", "2", [1, 2], 1, None, 0, "expert")], pad_id=0)
+    assert batch.temperature.tolist() == pytest.approx([0.7, 1.0]) and batch.top_p.tolist() == pytest.approx([0.9, 1])
+    assert batch.stage.tolist() == [0, 2]  # indices into trainer.losses.STAGES
+    # a version 1 file: read, and its behaviour log-probs taken as temperature-1 ones
+    path = tmp_path / "v1.jsonl"
+    path.write_text(json.dumps(_v1_record(ex)) + "\n")
+    (old,), _ = FileSource(path, lambda e, where: prepare_item(e, tokenizer, 512, where)).next_items(5)
+    assert (old.temperature, old.top_p, old.behavior) == (1.0, 1.0, ex.behavior_logprobs)
+
+
+def test_version_1_entries_still_read_from_the_stream(tokenizer, tiny_model_dir: Path, redis_url: str) -> None:
+    keys = Keys(f"v1-{os.getpid()}")
+    r = redis.Redis.from_url(redis_url)
+    ex = make_examples(tiny_model_dir, 1)[0]
+    r.xadd(keys.examples, {"id": ex.id, "data": json.dumps(_v1_record(ex))})
+    source = RedisSource(
+        redis_url, keys, "c0", lambda e, eid: prepare_item(e, tokenizer, 512, eid), idle_exit_s=0.2, block_ms=100
+    )
+    try:
+        items, _ = source.next_items(2)
+    finally:
+        source.close()
+    assert [it.example_id for it in items] == [ex.id] and items[0].temperature == 1.0
+    assert r.xlen(keys.deadletter) == 0
