@@ -237,11 +237,14 @@ T = TypeVar("T")
 async def _call(doing: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """A blocking `MindgapClient` call off the event loop; an error status becomes an OrchestrateError.
 
-    Connection errors stay `httpx.TransportError`, which the loop tolerates for a while.
+    Connection errors stay `httpx.TransportError`, and a 503 (Redis slow or restarting: the service's status reads
+    give up after `probe_timeout_s`) stays a `ServiceError`; the loop tolerates both for a while.
     """
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except ServiceError as exc:
+        if exc.status == 503:
+            raise
         raise OrchestrateError(f"service answered {exc.status} {doing}: {str(exc.detail)[:300]}") from None
 
 
@@ -440,7 +443,7 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
                 if await r.exists(keys.examples):
                     status.lag = await group_lag(r, keys.examples, TRAINER_GROUP)
                 unreachable_since = None
-            except (httpx.TransportError, RedisError, OSError) as exc:
+            except (httpx.TransportError, ServiceError, RedisError, OSError) as exc:
                 # a dying child shows up in sup.check() next round; anything else gets a grace period
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since > UNREACHABLE_S:
