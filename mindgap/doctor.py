@@ -44,9 +44,9 @@ if TYPE_CHECKING:
 SAMPLE = Path(__file__).with_name("data") / "sample.jsonl"
 PROBLEMS = 8
 # Per-token |log p_vLLM − log p_transformers| allowed in the score step. Both run the same weights in the
-# same dtype, but kernels differ (vLLM's fused attention, bf16 accumulation order): measured on this CPU
-# at mean 0.003 / max 0.05 nats in float32. A broken scoring path (wrong position, wrong template,
-# temperature applied) is off by whole nats.
+# same dtype, but kernels differ (vLLM's fused attention, bf16 accumulation order): measured on the 2-core
+# CPU with the default model in bf16 at mean 0.018 / max 0.13 nats (bench/results/doctor-cpu-*.json).
+# A broken scoring path (wrong position, wrong template, temperature applied) is off by whole nats.
 MEAN_TOLERANCE = 0.05
 MAX_TOLERANCE = 0.5
 Verdict = Literal["PASS", "FAIL", "SKIP"]
