@@ -64,23 +64,20 @@ class Run:
     """One fine-tune: which training data, which loss."""
 
     data: str  # "raw" | "rewritten"
-    loss: str  # "sft" | "dft" | "is"
+    loss: str  # "sft" | "dft" | "is" (token level)
+    seed: int | None = None  # training seed; None: --seed (and no suffix in the name)
 
     @property
     def name(self) -> str:
-        """Folder and table name, e.g. `dft-rewritten`."""
-        return f"{self.loss}-{self.data}"
+        """Folder and table name, e.g. `dft-rewritten` (or `dft-rewritten-s1` with its own seed)."""
+        return f"{self.loss}-{self.data}" + ("" if self.seed is None else f"-s{self.seed}")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; `--toy` overrides the sizes with a few-minute setting."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_options(p: argparse.ArgumentParser) -> None:
+    """The options every reproduction takes: model, rewrite, training budget, evaluation, engine."""
     p.add_argument("--out", type=Path, required=True, help="output folder (created)")
     p.add_argument("--model", default="default", help="HF id, local path or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--data", type=Path, default=None, help="GSM8K train.jsonl (default: <data dir>/gsm8k/train.jsonl)")
-    p.add_argument("--train-size", type=int, default=128, help="problems in the training slice")
-    p.add_argument("--eval-size", type=int, default=128, help="problems in the disjoint held-out slice")
-    p.add_argument("--seed", type=int, default=0, help="slice shuffle, engine and trainer seed")
+    p.add_argument("--seed", type=int, default=0, help="data, engine and trainer seed")
     p.add_argument("--k", type=int, default=4, help="rewrite: self-samples per problem")
     p.add_argument("--resolve-attempts", type=int, default=4, help="rewrite: guided attempts per unsolved problem")
     p.add_argument("--guidance", default="solution", help="rewrite: solution | answer | hint")
@@ -91,12 +88,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--precision", default=None, help="bf16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--losses", default="sft,dft", help="losses trained on both raw and rewritten data")
-    p.add_argument("--is-run", action="store_true", help="also train token-level IS (clip 2) on rewritten data")
     p.add_argument("--n", type=int, default=4, help="eval: samples per held-out problem")
     p.add_argument("--temperature", type=float, default=1.0, help="eval: sampling temperature")
     p.add_argument("--eval-max-tokens", type=int, default=320, help="eval: response length cap")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--enforce-eager", action="store_true", help="engine: skip torch.compile (faster start on a CPU)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; `--toy` overrides the sizes with a few-minute setting."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shared_options(p)
+    p.add_argument("--data", type=Path, default=None, help="GSM8K train.jsonl (default: <data dir>/gsm8k/train.jsonl)")
+    p.add_argument("--train-size", type=int, default=128, help="problems in the training slice")
+    p.add_argument("--eval-size", type=int, default=128, help="problems in the disjoint held-out slice")
+    p.add_argument("--losses", default="sft,dft", help="losses trained on both raw and rewritten data")
+    p.add_argument("--is-run", action="store_true", help="also train token-level IS (clip 2) on rewritten data")
     p.add_argument(
         "--train-nll", action="store_true", help="also score both training sets under every fine-tune (slow on CPU)"
     )
@@ -152,6 +159,24 @@ def slice_gsm8k(src: Path, out: Path, train_size: int, eval_size: int, seed: int
     return train, heldout
 
 
+def rewrite(
+    args: argparse.Namespace, rec: Recorder, train: Path, out: Path, resume: bool, fields: FieldMap = GSM8K_FIELDS
+) -> dict[str, Any]:
+    """`mindgap rewrite` of the training file (skipped with `resume` when its summary exists); the summary."""
+    summary_path = out.with_name(out.name + ".summary.json")
+    if not (resume and summary_path.is_file()):
+        field_options = [x for k, v in fields.mapped().items() for x in ("--fields", f"{k}={v}")]
+        with rec.phase("rewrite"):
+            rec.mindgap(
+                "rewrite", train, "-o", out, "--model", args.model, *field_options, "--k", args.k,
+                "--resolve-attempts", args.resolve_attempts, "--guidance", args.guidance,
+                "--temperature", args.rewrite_temperature, "--max-tokens", args.max_tokens,
+                "--max-model-len", args.max_model_len, *(["--enforce-eager"] if args.enforce_eager else []),
+            )  # fmt: skip
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary
+
+
 def final_checkpoint(ckpt_dir: Path) -> Path:
     """The newest complete (READY) `v{N}` folder a training run left."""
     ready = [p.parent for p in ckpt_dir.glob("v*/READY")]
@@ -176,7 +201,12 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
     """Engine options for both engine phases."""
     # Prefix caching off: a 64-request scoring batch stalled with it on in one CPU run (cause not isolated).
     return EngineConfig(
-        model=model, max_model_len=args.max_model_len, kv_cache_gib=1, seed=args.seed, enable_prefix_caching=False
+        model=model,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=1,
+        seed=args.seed,
+        enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -191,13 +221,20 @@ def eval_config(args: argparse.Namespace, output: Path, label: str) -> evaluate.
     )
 
 
-async def raw_records(args: argparse.Namespace, rec: Recorder, engine: Engine, grader: Grader, train: Path) -> Path:
+async def raw_records(
+    args: argparse.Namespace,
+    rec: Recorder,
+    engine: Engine,
+    grader: Grader,
+    train: Path,
+    fields: FieldMap = GSM8K_FIELDS,
+) -> Path:
     """The raw slice as expert-stage records: the pipeline with k = 0 and no guided attempts, on the base model."""
     from services.pipeline import rewrite_batch
 
     raw: Path = args.out / "raw.jsonl"
     with rec.phase("raw records (expert stage only)"):
-        problems = read_problems(train, GSM8K_FIELDS).problems
+        problems = read_problems(train, fields).problems
         outcomes = await rewrite_batch(problems, engine, grader, StageParams(k=0, resolve_attempts=0))
         atomic_write_jsonl(raw, [ex for o in outcomes for ex in o.examples])
     return raw
@@ -211,49 +248,55 @@ async def base_phase(
     data: dict[str, Path],
     heldout: evaluate.EvalSet,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Gap report raw vs rewritten under the base model, and the base model's held-out accuracy.
-
-    Both record files carry `target_logprobs` from the base model on the training prompt (the rewrite
-    and the raw conversion scored them), so the gap report reuses them instead of scoring again.
-    """
-    with rec.phase("gap report raw vs rewritten"):
-        groups = []
-        sections = []
-        for name, path in data.items():
-            seqs = await gap.score_records(None, gap.load_records(path), rescore=False)
-            groups.append((name, seqs))
-            sections.append(gap.dataset_report(name, path, "records", seqs))
-        gap_rep = gap.gap_report(args.model, sections, rescored=False)
-        gap.write_outputs(gap_rep, groups, args.out / "gap")
+    """Gap report raw vs rewritten under the base model, and the base model's held-out accuracy."""
+    gap_rep = await gap_phase(args, rec, engine, data)
     with rec.phase("eval base"):
         cfg = eval_config(args, args.out / "eval" / "base.json", "base")
         base = await evaluate.run_eval(cfg, [heldout], engine, grader)
     return gap_rep, base
 
 
+async def gap_phase(args: argparse.Namespace, rec: Recorder, engine: Engine, data: dict[str, Path]) -> dict[str, Any]:
+    """Policy gap of each record file under the engine's (base) model: every completion scored on its training
+    prompt (records carry no target log-probs unless the rewrite ran with `--score`). Writes `gap/`."""
+    with rec.phase("gap report raw vs rewritten"):
+        groups = []
+        sections = []
+        for name, path in data.items():
+            seqs = await gap.score_records(engine, gap.load_records(path))
+            groups.append((name, seqs))
+            sections.append(gap.dataset_report(name, path, "records", seqs))
+        gap_rep = gap.gap_report(args.model, sections, rescored=True)
+        gap.write_outputs(gap_rep, groups, args.out / "gap")
+    return gap_rep
+
+
+def train_run(args: argparse.Namespace, rec: Recorder, run: Run, data: dict[str, Path], resume: bool) -> Path:
+    """`mindgap train` for one run with the shared step budget (or, with `resume`, its READY checkpoint)."""
+    precision = args.precision or ("bf16" if _cuda() else "fp32")
+    run_dir = args.out / "train" / run.name
+    n_examples = sum(1 for line in data[run.data].read_text().splitlines() if line.strip())
+    epochs = max(1, math.ceil(args.steps * args.batch_size / n_examples))  # the step budget decides
+    if not (resume and any((run_dir / "checkpoints").glob("v*/READY"))):
+        shutil.rmtree(run_dir, ignore_errors=True)  # stale checkpoints and appended metrics of older runs
+        run_dir.mkdir(parents=True)
+        is_options = ("--is-level", "token") if run.loss == "is" else ()
+        with rec.phase(f"train {run.name}"):
+            rec.mindgap(
+                "train", "--source", data[run.data], "--model", args.model, "--loss", run.loss, *is_options,
+                "--max-steps", args.steps, "--batch-size", args.batch_size, "--epochs", epochs,
+                "--lr", args.lr, "--warmup-steps", args.warmup_steps, "--precision", precision,
+                "--seed", args.seed if run.seed is None else run.seed, "--checkpoint-dir", run_dir / "checkpoints",
+                "--checkpoint-every", args.steps, "--keep-checkpoints", 1, "--no-resume",
+                "--metrics-jsonl", run_dir / "metrics.jsonl", "--tensorboard-dir", run_dir / "tb",
+                "--max-seq-len", args.max_model_len,
+            )  # fmt: skip
+    return final_checkpoint(run_dir / "checkpoints")
+
+
 def train_runs(args: argparse.Namespace, rec: Recorder, runs: list[Run], data: dict[str, Path]) -> dict[str, Path]:
     """`mindgap train` for every run with the same step budget; the final checkpoint of each."""
-    precision = args.precision or ("bf16" if _cuda() else "fp32")
-    checkpoints: dict[str, Path] = {}
-    for run in runs:
-        run_dir = args.out / "train" / run.name
-        n_examples = sum(1 for line in data[run.data].read_text().splitlines() if line.strip())
-        epochs = max(1, math.ceil(args.steps * args.batch_size / n_examples))  # the step budget decides
-        if not (args.resume and any((run_dir / "checkpoints").glob("v*/READY"))):
-            shutil.rmtree(run_dir, ignore_errors=True)  # stale checkpoints and appended metrics of older runs
-            run_dir.mkdir(parents=True)
-            with rec.phase(f"train {run.name}"):
-                rec.mindgap(
-                    "train", "--source", data[run.data], "--model", args.model, "--loss", run.loss,
-                    "--max-steps", args.steps, "--batch-size", args.batch_size, "--epochs", epochs,
-                    "--lr", args.lr, "--warmup-steps", args.warmup_steps, "--precision", precision,
-                    "--seed", args.seed, "--checkpoint-dir", run_dir / "checkpoints",
-                    "--checkpoint-every", args.steps, "--keep-checkpoints", 1, "--no-resume",
-                    "--metrics-jsonl", run_dir / "metrics.jsonl", "--tensorboard-dir", run_dir / "tb",
-                    "--max-seq-len", args.max_model_len,
-                )  # fmt: skip
-        checkpoints[run.name] = final_checkpoint(run_dir / "checkpoints")
-    return checkpoints
+    return {run.name: train_run(args, rec, run, data, args.resume) for run in runs}
 
 
 async def finetuned_phase(
@@ -433,16 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout = evaluate.load_eval_set("gsm8k_heldout", heldout_path, GSM8K_FIELDS)
 
     rewritten = args.out / "rewritten.jsonl"
-    summary_path = rewritten.with_name(rewritten.name + ".summary.json")
-    if not (args.resume and summary_path.is_file()):
-        with rec.phase("rewrite"):
-            rec.mindgap(
-                "rewrite", train, "-o", rewritten, "--model", args.model, "--k", args.k,
-                "--resolve-attempts", args.resolve_attempts, "--guidance", args.guidance,
-                "--temperature", args.rewrite_temperature, "--max-tokens", args.max_tokens,
-                "--max-model-len", args.max_model_len,
-            )  # fmt: skip
-    summary = json.loads(summary_path.read_text())
+    summary = rewrite(args, rec, train, rewritten, args.resume)
 
     losses = [s.strip() for s in args.losses.split(",") if s.strip()]
     runs = [Run(d, loss) for loss in losses for d in ("raw", "rewritten")] + (

@@ -7,6 +7,9 @@ Accuracy (`n` samples per problem, `c` of them correct):
   - avg@n  = mean over problems of c / n (the papers' "accuracy at temperature T, n samples");
   - pass@k = mean over problems of the unbiased estimator 1 − C(n−c, k) / C(n, k) (Chen et al. 2021).
 
+Uncertainty: avg@n gets a percentile-bootstrap CI over problems (a problem's n samples stay together),
+and two models evaluated on the same problems get a paired bootstrap CI for their difference.
+
 Importance weights: sequence weights are handled as log-weights throughout, because a response of a
 few hundred tokens easily has log w ≈ −300, far below float underflow; the normalised effective sample
 size `(Σw)² / (n Σw²)` is therefore computed with log-sum-exp.
@@ -94,6 +97,100 @@ def accuracy_by_subject(
         if subject is not None:
             groups.setdefault(subject, []).append(row)
     return {s: accuracy(rows, ks) for s, rows in sorted(groups.items())}
+
+
+# ------------------------------------------------------------------------------ confidence intervals
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a percentile-bootstrap confidence interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    def to_json(self) -> dict[str, float]:
+        """Plain JSON data."""
+        return asdict(self)
+
+
+def problem_scores(correct: Sequence[Sequence[bool]]) -> list[float]:
+    """Per-problem share of correct samples c / n (the terms avg@n averages)."""
+    if any(len(row) == 0 for row in correct):
+        raise ValueError("every problem needs at least one sample")
+    return [sum(bool(x) for x in row) / len(row) for row in correct]
+
+
+def _resampled_means(columns: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Means of `resamples` bootstrap resamples of the rows (problems) of `columns`, the same rows for every column."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, columns.shape[0], size=(resamples, columns.shape[0]))
+    means: np.ndarray = columns[idx].mean(axis=1)  # (resamples, columns)
+    return means
+
+
+def bootstrap_mean(
+    values: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Interval:
+    """Mean of `values` (one per problem) with a percentile-bootstrap CI, resampling problems."""
+    if not values:
+        raise ValueError("no values to resample")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    arr = np.asarray(values, dtype=np.float64)[:, None]
+    means = _resampled_means(arr, resamples, seed)[:, 0]
+    low, high = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return Interval(float(arr.mean()), float(low), float(high), level)
+
+
+def avg_at_n_interval(
+    correct: Sequence[Sequence[bool]], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Interval:
+    """avg@n with a 95 % bootstrap CI over problems (samples of one problem stay together)."""
+    return bootstrap_mean(problem_scores(correct), level, resamples, seed)
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Interval:
+    """mean(a) − mean(b) over the same problems, with a paired bootstrap CI (both resampled with the same rows).
+
+    Pairing removes the between-problem variance both arms share, so the interval is much narrower than
+    the difference of two independent intervals when the arms agree on which problems are easy.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same problems: {len(a)} vs {len(b)}")
+    return bootstrap_mean([x - y for x, y in zip(a, b, strict=True)], level, resamples, seed)
+
+
+def mean_over_seeds(per_seed: Sequence[Sequence[float]]) -> list[float]:
+    """Per-problem scores averaged over training seeds (each inner list: one seed, problems in the same order)."""
+    if not per_seed:
+        raise ValueError("no seeds")
+    if any(len(s) != len(per_seed[0]) for s in per_seed):
+        raise ValueError("every seed needs the same problems")
+    return [float(x) for x in np.mean(np.asarray(per_seed, dtype=np.float64), axis=0)]
+
+
+def sampled_kl(reference: Sequence[Sequence[float]], other: Sequence[Sequence[float]]) -> float:
+    """Per-token KL(ref ‖ other) estimated on sequences sampled from `ref` at temperature 1.
+
+    Each sequence comes with its tokens' log-probs under both models; E_ref[log p_ref − log p_other] is
+    the KL, estimated by the token-weighted mean of the differences (the plain Monte-Carlo estimator).
+    """
+    if len(reference) != len(other):
+        raise ValueError(f"{len(reference)} reference sequences but {len(other)} others")
+    if any(len(rs) != len(os) for rs, os in zip(reference, other, strict=True)):
+        raise ValueError("each sequence needs the same number of log-probs under both models")
+    diffs = [r - o for rs, os in zip(reference, other, strict=True) for r, o in zip(rs, os, strict=True)]
+    if not diffs:
+        raise ValueError("no tokens")
+    return math.fsum(diffs) / len(diffs)
 
 
 # ------------------------------------------------------------------------------------- token log-probs
