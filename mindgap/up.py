@@ -37,6 +37,7 @@ from shared.config import MindgapSettings
 from shared.keys import TRAINER_GROUP, Keys
 from shared.streams import group_lag
 from shared.wire import PolicyStatus, ReloadRecord
+from trainer.publish import gap_line
 
 log = logging.getLogger("mindgap.up")
 
@@ -258,10 +259,11 @@ class LoopStatus:
     stages: dict[str, int] = field(default_factory=dict)
     step: int | None = None
     loss: float | None = None
+    gap: str = ""  # the trainer's per-stage policy gap (`trainer.publish.gap_line`)
     lag: int | None = None
 
     def line(self) -> str:
-        """One line: policy version, stage mix, trainer step and loss, stream lag, elapsed time."""
+        """One line: policy version, stage mix, trainer step, loss and policy gap, stream lag, elapsed time."""
         minutes, seconds = divmod(int(self.elapsed_s), 60)
         parts = [f"policy v{self.served_version}"]
         if self.published_version is not None and self.published_version != self.served_version:
@@ -274,6 +276,8 @@ class LoopStatus:
             parts.append("no examples yet")
         if self.step is not None:
             parts.append(f"step {self.step}" + (f" loss {self.loss:.4f}" if self.loss is not None else ""))
+        if self.gap:
+            parts.append(f"gap {self.gap}")
         if self.lag is not None:
             parts.append(f"lag {self.lag}")
         parts.append(f"{minutes:02d}:{seconds:02d}")
@@ -284,8 +288,11 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def read_trainer(r: aioredis.Redis, keys: Keys, run: str) -> tuple[int | None, float | None, int | None]:
-    """The trainer's published (step, loss) and the policy version announced in Redis."""
+async def read_trainer(r: aioredis.Redis, keys: Keys, run: str) -> tuple[int | None, float | None, int | None, str]:
+    """The trainer's published (step, loss), the policy version announced in Redis and the gap line.
+
+    Each stage's gap figures are those of the last step that trained records of that stage.
+    """
     state = {_text(k): _text(v) for k, v in (await r.hgetall(keys.trainer_state(run))).items()}
     version = _text(await r.hget(keys.policy, "version"))
     step, loss = state.get("step"), state.get("loss")
@@ -293,6 +300,7 @@ async def read_trainer(r: aioredis.Redis, keys: Keys, run: str) -> tuple[int | N
         int(step) if step else None,
         float(loss) if loss else None,
         int(version) if version and version.isdigit() else None,  # a corrupt hash is the service's to report
+        gap_line(state),
     )
 
 
@@ -439,7 +447,8 @@ async def run_up(plan: UpPlan, on_status: Callable[[LoopStatus], None] = lambda 
                 status = LoopStatus(
                     elapsed_s=time.monotonic() - started, served_version=view.version, stages=job.examples
                 )
-                status.step, status.loss, status.published_version = await read_trainer(r, keys, TRAINER_RUN)
+                trainer = await read_trainer(r, keys, TRAINER_RUN)
+                status.step, status.loss, status.published_version, status.gap = trainer
                 if await r.exists(keys.examples):
                     status.lag = await group_lag(r, keys.examples, TRAINER_GROUP)
                 unreachable_since = None
