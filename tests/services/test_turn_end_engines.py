@@ -13,6 +13,7 @@ from services.fake_engine import FakeEngine
 from services.pipeline import rewrite_batch
 from shared.config import StageParams
 from shared.grading import Grader
+from shared.prompts import solve_messages
 from shared.schema import Problem, Stage
 from tests.support.tokenizers import ChatStyle
 
@@ -84,3 +85,33 @@ async def test_vllm_engine_stops_on_the_turn_terminator_and_closes_expert_text_w
         streamed = [s async for s in samples]
     assert [s.stop_token_ids for s in llm.sampling[1:]] == [[end], [end]]
     assert sample.token_ids == expert and all(s.token_ids == expert for s in streamed)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_real_vllm_records_end_with_the_turn_terminator(
+    chat_tokenizer: tuple[ChatStyle, Any], tmp_path_factory: pytest.TempPathFactory, grader: Grader
+) -> None:
+    """vLLM stops on the template's terminator (a tiny model that favours it over EOS) and keeps it."""
+    from services.vllm_engine import VLLMEngine
+    from tests.support.models import make_tiny_model, tiny_engine_config
+
+    style, tokenizer = chat_tokenizer
+    end = tokenizer.convert_tokens_to_ids(style.turn_end)
+    folder = tmp_path_factory.mktemp(f"tiny_{style.name}")
+    tokenizer.save_pretrained(str(folder))
+    make_tiny_model(folder, folder, seed=1234, ending=end)
+    engine = await VLLMEngine.create(tiny_engine_config(folder))
+    try:
+        assert engine.turn_end == [end]
+        prompt = engine.render_prompt(solve_messages("What is 2 plus 3?"))
+        samples = await engine.generate(prompt, SamplingConfig(n=8, temperature=1.0, max_tokens=200))
+        finished = [s for s in samples if s.finish_reason == "stop"]
+        assert len(finished) >= 4, [s.finish_reason for s in samples]
+        assert all(s.token_ids[-1] == end and end not in s.token_ids[:-1] for s in finished)
+        problem = Problem(id="x", question="Name a prime.", solution="Two is prime.")  # ungradable: expert only
+        (out,) = await rewrite_batch([problem], engine, grader, StageParams())
+        (expert,) = out.examples
+        assert expert.completion_token_ids[-1] == end and tokenizer.eos_token_id not in expert.completion_token_ids
+    finally:
+        await engine.shutdown()

@@ -30,14 +30,18 @@ TINY_SEED_A = 1234
 TINY_SEED_B = 5678
 
 
-def make_tiny_model(dest: Path, tokenizer_dir: Path, seed: int) -> Path:
-    """Write a tiny random Llama (safetensors, float32) with the tokenizer of `tokenizer_dir` to `dest`."""
+def make_tiny_model(dest: Path, tokenizer_dir: Path, seed: int, ending: int | None = None) -> Path:
+    """Write a tiny random Llama (safetensors, float32) with the tokenizer of `tokenizer_dir` to `dest`.
+
+    `ending` is the token its responses end with (favoured like the words); EOS unless given.
+    """
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eos = tokenizer.eos_token_id
-    favoured = sorted(set(tokenizer(TINY_WORDS, add_special_tokens=False)["input_ids"]) | {eos})
+    end = eos if ending is None else ending
+    favoured = sorted(set(tokenizer(TINY_WORDS, add_special_tokens=False)["input_ids"]) | {end})
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
