@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from shared.grading import Grader
 
 ARITH_FIELDS = FieldMap(question="question", solution="solution", answer="answer")
+RETENTION_FIELDS = FieldMap(question="question", answer="answer")  # no reference solution
 SETS = ("arith_heldout", "retention", "gsm8k_heldout")  # evaluation sets, in table order
 ARMS = "sft-raw,dft-raw,sft-rewritten,dft-rewritten,is-rewritten"
 # (left, right) of the paired differences reported: DR − raw per loss first
@@ -172,7 +173,7 @@ def write_data(args: argparse.Namespace) -> dict[str, Path]:
 
 def eval_sets(paths: dict[str, Path]) -> list[evaluate.EvalSet]:
     """The held-out sets present, in table order."""
-    fields = {"arith_heldout": ARITH_FIELDS, "retention": ARITH_FIELDS, "gsm8k_heldout": GSM8K_FIELDS}
+    fields = {"arith_heldout": ARITH_FIELDS, "retention": RETENTION_FIELDS, "gsm8k_heldout": GSM8K_FIELDS}
     return [evaluate.load_eval_set(name, paths[name], fields[name]) for name in SETS if name in paths]
 
 
@@ -649,7 +650,8 @@ async def calibrate(args: argparse.Namespace) -> None:
     try:
         for name, rows in sets.items():
             atomic_write_jsonl(folder / f"{name}.jsonl", rows)
-            data = evaluate.load_eval_set(name, folder / f"{name}.jsonl", ARITH_FIELDS)
+            fields = RETENTION_FIELDS if name == "retention" else ARITH_FIELDS
+            data = evaluate.load_eval_set(name, folder / f"{name}.jsonl", fields)
             t0 = time.monotonic()
             result = await evaluate_model(args, engine, grader, f"calibration-{name}", [data])
             seconds = time.monotonic() - t0

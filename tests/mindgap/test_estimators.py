@@ -112,3 +112,74 @@ def test_log_sum_exp() -> None:
     assert stats.log_sum_exp([]) == -math.inf
     assert stats.log_sum_exp([math.log(1), math.log(3)]) == pytest.approx(math.log(4))
     assert stats.log_sum_exp([-1e4, -1e4]) == pytest.approx(-1e4 + math.log(2))
+
+
+# ------------------------------------------------------------------------------ confidence intervals
+
+
+def test_problem_scores_and_avg_interval_match_avg_at_n() -> None:
+    correct = [[True, False, False, False], [True, True, True, True], [False, False, False, False]]
+    assert stats.problem_scores(correct) == [0.25, 1.0, 0.0]
+    iv = stats.avg_at_n_interval(correct)
+    assert iv.value == pytest.approx(stats.accuracy(correct).avg_at_n)
+    assert 0.0 <= iv.low <= iv.value <= iv.high <= 1.0 and iv.level == 0.95
+    with pytest.raises(ValueError, match="at least one sample"):
+        stats.problem_scores([[True], []])
+
+
+def test_bootstrap_mean_constant_values_give_a_point_and_seeds_repeat() -> None:
+    iv = stats.bootstrap_mean([0.5] * 10)
+    assert (iv.value, iv.low, iv.high) == (0.5, 0.5, 0.5)
+    values = [0.0, 0.25, 1.0, 0.75, 0.5, 0.0, 1.0]
+    assert stats.bootstrap_mean(values, seed=3) == stats.bootstrap_mean(values, seed=3)
+    assert stats.bootstrap_mean(values).to_json().keys() == {"value", "low", "high", "level"}
+    with pytest.raises(ValueError, match="no values"):
+        stats.bootstrap_mean([])
+    with pytest.raises(ValueError, match="level"):
+        stats.bootstrap_mean(values, level=1.0)
+
+
+def test_bootstrap_width_matches_the_normal_approximation() -> None:
+    # 400 problems, 30 % solved: the 95 % interval is about ±1.96·sqrt(0.3·0.7/400) = ±0.045
+    values = [1.0] * 120 + [0.0] * 280
+    iv = stats.bootstrap_mean(values, resamples=4000)
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)
+    assert iv.value == pytest.approx(0.3)
+    assert (iv.high - iv.low) / 2 == pytest.approx(half, rel=0.15)
+    assert iv.low < 0.3 < iv.high
+    narrow = stats.bootstrap_mean(values, level=0.5)
+    assert narrow.high - narrow.low < iv.high - iv.low
+
+
+def test_paired_difference_removes_shared_problem_variance() -> None:
+    a = [0.0, 1.0, 0.25, 1.0, 0.0, 0.75, 1.0, 0.0] * 10
+    b = [x - 0.125 if x > 0.5 else x for x in a]  # the same problems easy, b slightly worse on the easy ones
+    diff = stats.paired_difference(a, b)
+    assert diff.value == pytest.approx(sum(x - y for x, y in zip(a, b, strict=True)) / len(a))
+    assert diff.low > 0  # pairing sees the consistent gain ...
+    ia, ib = stats.bootstrap_mean(a), stats.bootstrap_mean(b)
+    assert ia.low < ib.high  # ... that two separate intervals cannot tell apart
+    assert stats.paired_difference(a, a).to_json() == {"value": 0.0, "low": 0.0, "high": 0.0, "level": 0.95}
+    with pytest.raises(ValueError, match="same problems"):
+        stats.paired_difference([1.0], [1.0, 0.0])
+
+
+def test_mean_over_seeds_averages_per_problem() -> None:
+    assert stats.mean_over_seeds([[0.0, 1.0, 0.5], [1.0, 1.0, 0.0]]) == [0.5, 1.0, 0.25]
+    with pytest.raises(ValueError, match="same problems"):
+        stats.mean_over_seeds([[0.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match="no seeds"):
+        stats.mean_over_seeds([])
+
+
+def test_sampled_kl_by_hand() -> None:
+    ref = [[-1.0, -2.0], [-0.5]]
+    other = [[-1.5, -2.0], [-1.0]]
+    assert stats.sampled_kl(ref, other) == pytest.approx((0.5 + 0.0 + 0.5) / 3)  # token-weighted
+    assert stats.sampled_kl(ref, ref) == 0.0
+    with pytest.raises(ValueError, match="same number"):
+        stats.sampled_kl([[-1.0]], [[-1.0, -2.0]])
+    with pytest.raises(ValueError, match="reference sequences"):
+        stats.sampled_kl([[-1.0]], [])
+    with pytest.raises(ValueError, match="no tokens"):
+        stats.sampled_kl([[]], [[]])
