@@ -71,14 +71,14 @@ METHOD = "qwen"  # the grading the tables use (math-verify is in each eval repor
 TOY = {
     "train_size": 4, "heldout_size": 4, "retention_size": 2, "gsm8k_size": 2, "steps": 2, "batch_size": 2,
     "n": 2, "max_tokens": 32, "k": 2, "resolve_attempts": 1, "eval_max_tokens": 32, "max_model_len": 1024,
-    "kl_prompts": 2, "seeds": "0", "enforce_eager": True, "calib_size": 3,
+    "kl_prompts": 2, "enforce_eager": True, "calib_size": 3,
 }  # fmt: skip
 # settings an existing --out must have been made with (the others may change between invocations)
 FREE_SETTINGS = {"out", "arms", "seeds", "keep_weights", "report", "calibrate", "calib_size", "toy"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; `--toy` overrides the sizes with a few-minute setting."""
+    """Command-line options; `--toy` overrides the sizes (not the arms or seeds) with a few-minute setting."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     reproduce.add_shared_options(p)
     p.add_argument("--difficulty", default="medium", choices=sorted(arith.DIFFICULTIES), help="problem setting")
@@ -217,18 +217,17 @@ async def make_probe(args: argparse.Namespace, engine: Engine, sets: list[evalua
     from shared.prompts import solve_messages
 
     sampling = SamplingConfig(n=1, temperature=1.0, top_p=1.0, max_tokens=args.eval_max_tokens)
+    chosen = [(s.name, p) for s in sets if s.name != "gsm8k_heldout" for p in s.problems[: args.kl_prompts]]
+    prompts = [engine.render_prompt(solve_messages(p.question)) for _, p in chosen]
+    # all at once, so the engine batches them
+    drawn = await asyncio.gather(*(engine.generate(prompt, sampling) for prompt in prompts))
     rows: list[dict[str, Any]] = []
-    for s in sets:
-        if s.name == "gsm8k_heldout":
-            continue
-        for p in s.problems[: args.kl_prompts]:
-            prompt = engine.render_prompt(solve_messages(p.question))
-            (sample,) = await engine.generate(prompt, sampling)
-            if sample.token_ids:  # nothing to score in an empty response
-                rows.append({"set": s.name, "kind": "sample", "prompt": prompt, "completion": sample.token_ids})
-            if p.solution:
-                completion = engine.encode_completion(p.solution)
-                rows.append({"set": s.name, "kind": "reference", "prompt": prompt, "completion": completion})
+    for (name, p), prompt, (sample,) in zip(chosen, prompts, drawn, strict=True):
+        if sample.token_ids:  # nothing to score in an empty response
+            rows.append({"set": name, "kind": "sample", "prompt": prompt, "completion": sample.token_ids})
+        if p.solution:
+            completion = engine.encode_completion(p.solution)
+            rows.append({"set": name, "kind": "reference", "prompt": prompt, "completion": completion})
     return rows
 
 
