@@ -16,7 +16,7 @@ from shared.dataio import FieldMap
 
 DATA_DIR_ENV = "MINDGAP_DATA_DIR"
 # mindgap/evaluation/benchmarks.py → the checkout root → ../shared/data beside it
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass(frozen=True)

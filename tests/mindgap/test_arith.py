@@ -321,3 +321,10 @@ def test_arith_reproduction_runs_and_resumes_arm_by_arm(tiny_model_dir: Path, da
 
     refused = run("--difficulty", "easy")
     assert refused.returncode != 0 and "other settings" in refused.stderr
+
+
+def test_default_data_dir_is_the_shared_folder_beside_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mindgap.evaluation.benchmarks import DATA_DIR_ENV, data_dir
+
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    assert data_dir() == ROOT.parent / "shared" / "data"  # where write_data finds GSM8K without --gsm8k
