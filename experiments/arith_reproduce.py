@@ -345,7 +345,8 @@ async def engine_phases(ctx: Context, runs: list[Run], data: dict[str, Path]) ->
     from services.vllm_engine import VLLMEngine
     from shared.grading import Grader
 
-    engine = await VLLMEngine.create(reproduce.engine_config(ctx.args, ctx.args.model))
+    with ctx.rec.phase("engine start"):
+        engine = await VLLMEngine.create(reproduce.engine_config(ctx.args, ctx.args.model))
     grader = Grader()
     try:
         await base_phase(ctx, engine, grader, data)
@@ -410,14 +411,13 @@ def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[
             sa, sb = scores(a, name), scores(b, name)
             if sa is not None and sb is not None:
                 differences.append({"left": a, "right": b, "set": name, **stats.paired_difference(sa, sb).to_json()})
-    shift: dict[str, dict[str, Any]] = {}
+    shift: dict[str, dict[str, Any]] = {"base": base["shift"]}
     for arm in arms[1:]:
         rs = [r for r in runs if r["arm"] == arm]
         shift[arm] = {
             name: {key: statistics.fmean(r["shift"][name][key] for r in rs) for key in rs[0]["shift"][name]}
             for name in rs[0]["shift"]
         }
-    shift["base"] = base["shift"]
     return {"accuracy": accuracy, "differences": differences, "shift": shift}
 
 
