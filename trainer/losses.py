@@ -28,6 +28,7 @@ STAGES = tuple(Stage)  # row order of `gap_sums`; a batch's `stage` tensor holds
 LOW_PROB = 0.1  # `share_below_p`: tokens the policy gives less than this probability
 # Raw ratios in the gap statistics are capped at e^±RATIO_LOG_CAP so sums of squares stay finite.
 RATIO_LOG_CAP = 50.0
+SAMPLED_POSITIONS_PER_PASS = 256  # `sampling_logprobs` works on this many positions of a row at a time
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,14 @@ def sampling_logprobs(
     with torch.no_grad():
         for i in rows.nonzero().flatten().tolist():
             t, p = float(temperature[i]), float(top_p[i])
-            pos = mask[i] > 0
+            pos = (mask[i] > 0).nonzero().flatten()
             if t == 1.0 and p >= 1.0:
                 out[i, pos] = logp[i, pos].detach().float()
-            else:
-                out[i, pos] = sampled_token_logprobs(logits[i, pos], targets[i, pos], t, p)
+                continue
+            # In slices of positions: top-p sorts the vocabulary, and a few float32 and int64 copies of
+            # [positions, vocabulary] would otherwise take gigabytes for a long response and a large vocabulary.
+            for part in torch.split(pos, SAMPLED_POSITIONS_PER_PASS):
+                out[i, part] = sampled_token_logprobs(logits[i, part], targets[i, part], t, p)
     return out.to(logp.dtype)
 
 
