@@ -28,7 +28,6 @@ LIBRARY_LOGGERS = (
     "httpcore",
     "urllib3",
     "filelock",
-    "uvicorn.access",
 )
 HIDDEN_WARNINGS = "ignore::FutureWarning,ignore::DeprecationWarning"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
