@@ -129,6 +129,28 @@ def _writing(output: Path) -> Iterator[None]:
         raise fail(f"-o: cannot write {output}: {exc.strerror or exc}") from None
 
 
+def _submit_dataset(client: MindgapClient, name: str, split: str | None, job_args: dict[str, Any]) -> Any:
+    """A local HF datasets folder or a hub id: read here with the one reader, uploaded as JSONL.
+
+    The service takes files, not datasets; rows go up as they are, so the service's reader maps them
+    exactly as `mindgap rewrite` would.
+    """
+    import tempfile
+
+    from shared.dataio import DataError, iter_rows
+
+    try:
+        rows = [row for _, row in iter_rows(name, split) if not isinstance(row, Exception)]
+    except DataError as exc:
+        raise fail(f"FILE: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="mindgap-submit-") as tmp:
+        upload = Path(tmp) / f"{Path(name).name or 'dataset'}.jsonl"
+        with upload.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        return _service_call(client.submit_file, upload, **job_args)
+
+
 def _service_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a client call, turning service and connection errors into one-line CLI errors."""
     import httpx
@@ -146,7 +168,9 @@ def _service_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @app.command()
 def submit(
-    file: str = typer.Argument(..., help="local JSONL/JSON/parquet file (or a server path with --server-path)"),
+    file: str = typer.Argument(
+        ..., help="JSONL/JSON/parquet file, HF datasets folder or hub id (or a server path with --server-path)"
+    ),
     fields: list[str] | None = typer.Option(None, help="field mapping, e.g. question=problem (repeatable)"),
     k: int | None = typer.Option(None, "--k", help="self-samples per problem"),
     resolve_attempts: int | None = typer.Option(None, help="guided attempts per unsolved problem"),
@@ -159,6 +183,7 @@ def submit(
     epochs: int | None = typer.Option(None, help="online: passes over the dataset (default: until cancelled)"),
     name: str | None = typer.Option(None, help="label shown in job listings"),
     server_path: bool = typer.Option(False, "--server-path", help="FILE is a path under the server's allowed root"),
+    split: str | None = typer.Option(None, help="split of a local HF datasets folder or hub id (default: train)"),
     wait: bool = typer.Option(False, "--wait", help="show progress until the job finishes"),
     url: str = URL_OPTION,
     api_key: str | None = KEY_OPTION,
@@ -179,11 +204,10 @@ def submit(
     with _client(url, api_key) as client:
         if server_path:
             created = _service_call(client.submit_path, file, **job_args)
+        elif Path(file).is_file():
+            created = _service_call(client.submit_file, Path(file), **job_args)
         else:
-            path = Path(file)
-            if not path.is_file():
-                raise fail(f"FILE: no such file {path}")
-            created = _service_call(client.submit_file, path, **job_args)
+            created = _submit_dataset(client, file, split, job_args)
         for err in created.errors:
             typer.secho(f"warning: line {err.line}: {err.message}, row skipped", err=True, fg=typer.colors.YELLOW)
         typer.echo(created.id)

@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[type[BaseModel], dict[str, type[BaseModel]], set[str]]
     "eval": (EvalConfig, {}, set()),
     "gap": (GapConfig, {}, set()),
     # a client command: its keys are the job's (JobSpec, params: StageParams); the rest is the connection
-    "submit": (JobSpec, {"params": StageParams}, {"file", "server_path", "wait", "url", "api_key"}),
+    "submit": (JobSpec, {"params": StageParams}, {"file", "server_path", "split", "wait", "url", "api_key"}),
 }
 NOT_SETTINGS = {"config", "verbose"}  # the config file itself, log level
 

@@ -132,3 +132,40 @@ def test_serve_refuses_a_public_bind_without_keys() -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "--insecure" in done.stderr
+
+
+def test_cli_submits_a_split_of_a_local_hf_datasets_folder(
+    serve_process: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
+    """`mindgap submit FOLDER --split S` reads the folder with the one reader and uploads that split's rows."""
+    import datasets
+
+    rows = arithmetic_rows(5)
+    folder = tmp_path / "hf"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows[2:])}
+    ).save_to_disk(str(folder))
+    server = serve_process(MINDGAP_API_KEYS="cli-key")
+    server.start()
+    env = {"MINDGAP_URL": server.url, "MINDGAP_API_KEY": "cli-key", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mindgap", "submit", str(folder), "--split", "test", "--k", "2", "--wait"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().splitlines()[-1]
+    status = httpx.get(f"{server.url}/v1/jobs/{job}", headers={"Authorization": "Bearer cli-key"}).json()
+    assert status["problems"] == 3, status
+    missing = subprocess.run(
+        [sys.executable, "-m", "mindgap", "submit", str(folder), "--split", "nope"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("error: FILE:"), missing.stderr
