@@ -54,6 +54,7 @@ def evaluate(
     top_p: float | None = typer.Option(None),
     max_tokens: int | None = typer.Option(None, help="response length cap (default 1024)"),
     limit: int | None = typer.Option(None, help="first N problems of each data set"),
+    split: str | None = typer.Option(None, help="split of --data HF datasets folders and hub ids (default: train)"),
     output: Path = typer.Option(..., "-o", "--output", help="JSON report; the Markdown table goes beside it (.md)"),
     samples_output: Path | None = typer.Option(None, help="JSONL with every graded response"),
     seed: int | None = typer.Option(None, help="engine seed"),
@@ -86,6 +87,7 @@ def evaluate(
         top_p=top_p,
         max_tokens=max_tokens,
         limit=limit,
+        split=split,
         samples_output=samples_output,
         grader_workers=grader_workers,
         backend=backend,
@@ -93,8 +95,10 @@ def evaluate(
     )
     if not cfg.benchmarks and not cfg.data:
         raise fail("nothing to evaluate: give --benchmarks NAMES and/or --data FILE")
+    from shared.dataio import is_hub_id
+
     for spec in cfg.data:
-        if not spec.path.exists():
+        if not spec.path.exists() and not is_hub_id(str(spec.path)):
             raise fail(f"data file not found: {spec.path}")
     try:
         sets = load_sets(cfg)
@@ -125,6 +129,7 @@ def gap(
     fields: list[str] | None = typer.Option(None, help="field mapping for problems files (repeatable)"),
     labels: list[str] | None = typer.Option(None, help="a name per input, in order (default: file stems)"),
     limit: int | None = typer.Option(None, help="first N problems or records of each file"),
+    split: str | None = typer.Option(None, help="split of HF datasets folders and hub ids (default: train)"),
     rescore: bool = typer.Option(
         True, "--rescore/--no-rescore", help="score records again (default) or reuse their stored target_logprobs"
     ),
@@ -136,11 +141,11 @@ def gap(
 ) -> None:
     """How off-policy a dataset is for a model: token log-probs, NLL, p<0.1 share, sequence weights and ESS."""
     from mindgap.evaluation.gap import GapConfig, markdown, run_gap
-    from shared.dataio import DataError
+    from shared.dataio import DataError, is_hub_id
 
     setup_logging(verbose)
     for path in inputs:
-        if not path.exists():
+        if not path.exists() and not is_hub_id(str(path)):
             raise fail(f"input file not found: {path}")
     cfg = _load(
         GapConfig,
@@ -150,6 +155,7 @@ def gap(
         labels=labels or None,
         fields=fields or None,
         limit=limit,
+        split=split,
         rescore=rescore,
         backend=backend,
         engine=_engine_opts(model, None, max_model_len, dtype) or None,

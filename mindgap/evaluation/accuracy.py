@@ -56,6 +56,7 @@ class EvalConfig(MindgapSettings):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(1024, ge=1)
     limit: int | None = Field(None, ge=1, description="first N problems of each data set")
+    split: str | None = Field(None, description="split of --data HF datasets folders and hub ids (default: train)")
     chunk_size: int = Field(128, ge=1, description="problems sent to the engine at once")
     samples_output: Path | None = Field(None, description="optional JSONL with every graded response")
     backend: Literal["vllm", "fake"] = "vllm"
@@ -83,7 +84,12 @@ class EvalSet:
 
 
 def load_eval_set(
-    name: str, path: Path, fields: FieldMap | None, subject_field: str | None = None, limit: int | None = None
+    name: str,
+    path: Path,
+    fields: FieldMap | None,
+    subject_field: str | None = None,
+    limit: int | None = None,
+    split: str | None = None,
 ) -> EvalSet:
     """Read a data set through its field mapping; problems without a gold answer are counted, not kept."""
     subject_of_line: dict[int, str | None] = {}
@@ -95,7 +101,7 @@ def load_eval_set(
                 subject_of_line[line] = None if value is None else str(value)
             yield line, row
 
-    result = read_problems_from_rows(tap(iter_rows(path)), fields, strict=False, limit=limit)
+    result = read_problems_from_rows(tap(iter_rows(path, split)), fields, strict=False, limit=limit)
     if subject_field is not None and result.problems and not any(s is not None for s in subject_of_line.values()):
         raise DataError(f"{path}: subject field {subject_field!r} is missing or empty in every row")
     gradable = [p for p in result.problems if p.answer is not None]
@@ -128,7 +134,8 @@ def load_sets(cfg: EvalConfig) -> list[EvalSet]:
     names = {s.name for s in sets}
     for spec in cfg.data:
         name = spec.path.stem if spec.path.stem not in names else str(spec.path)
-        sets.append(load_eval_set(name, spec.path, parse_field_specs(spec.fields), spec.subject_field, cfg.limit))
+        fields = parse_field_specs(spec.fields)
+        sets.append(load_eval_set(name, spec.path, fields, spec.subject_field, cfg.limit, cfg.split))
         names.add(name)
     return sets
 

@@ -41,8 +41,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from services.engine import Engine
 from mindgap.evaluation import estimators as stats
+from services.engine import Engine
 from shared.config import EngineConfig, MindgapSettings
 from shared.dataio import DataError, FieldMap, iter_rows, parse_field_specs, read_examples, read_problems
 from shared.model_source import resolve_model
@@ -72,9 +72,9 @@ class Scored:
 # -------------------------------------------------------------------------------------------- loading
 
 
-def detect_kind(path: Path) -> DataKind:
+def detect_kind(path: Path, split: str | None = None) -> DataKind:
     """`records` when the first readable row is an example record (has completion_token_ids), else `problems`."""
-    for _, row in iter_rows(path):
+    for _, row in iter_rows(path, split):
         if isinstance(row, dict):
             return "records" if "completion_token_ids" in row else "problems"
     raise DataError(f"{path}: no readable row")
@@ -97,9 +97,9 @@ def load_records(path: Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def load_raw(path: Path, fields: FieldMap | None, limit: int | None = None) -> list[Problem]:
+def load_raw(path: Path, fields: FieldMap | None, limit: int | None = None, split: str | None = None) -> list[Problem]:
     """Problems that have an expert demonstration (a solution, else an answer) to score."""
-    result = read_problems(path, fields, limit=limit)
+    result = read_problems(path, fields, limit=limit, split=split)
     for err in result.errors:
         log.warning("%s:%d: %s, row skipped", path, err.line, err.message)
     problems = [p for p in result.problems if p.solution or p.answer]
@@ -366,6 +366,7 @@ class GapConfig(MindgapSettings):
     labels: list[str] = Field(default_factory=list, description="dataset names (default: file stems)")
     fields: list[str] = Field(default_factory=list, description="field mapping for problems files")
     limit: int | None = Field(None, ge=1, description="first N problems or records of each file")
+    split: str | None = Field(None, description="split of HF datasets folders and hub ids (default: train)")
     rescore: bool = Field(
         True,
         description="score records again instead of reusing their target_logprobs; also what computes the"
@@ -377,7 +378,7 @@ class GapConfig(MindgapSettings):
 
     def needs_engine(self) -> bool:
         """Whether any input must be scored: every problems file, and records unless reusing their log-probs."""
-        return self.rescore or any(detect_kind(p) == "problems" for p in self.inputs)
+        return self.rescore or any(detect_kind(p, self.split) == "problems" for p in self.inputs)
 
     def names(self) -> list[str]:
         """One distinct name per input."""
@@ -396,8 +397,8 @@ async def run_gap(cfg: GapConfig) -> dict[str, Any]:
     fields = parse_field_specs(cfg.fields) if cfg.fields else None
     loaded: list[tuple[str, Path, DataKind, list[Problem] | list[Example]]] = []
     for name, path in zip(cfg.names(), cfg.inputs, strict=True):
-        kind = detect_kind(path)
-        data = load_records(path, cfg.limit) if kind == "records" else load_raw(path, fields, cfg.limit)
+        kind = detect_kind(path, cfg.split)
+        data = load_records(path, cfg.limit) if kind == "records" else load_raw(path, fields, cfg.limit, cfg.split)
         log.info("%s: %d %s from %s", name, len(data), kind, path)
         loaded.append((name, path, kind, data))
 

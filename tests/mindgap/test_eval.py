@@ -171,3 +171,19 @@ def test_eval_cli_errors_are_one_line(args: tuple[str, ...], message: str, probl
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_eval_cli_reads_a_split_of_an_hf_datasets_folder(tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "arith_hf"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS)}
+    ).save_to_disk(str(folder))
+    out = tmp_path / "eval.json"
+    fields = ("--fields", "question=q", "--fields", "answer=a")
+    result = invoke("--data", folder, *fields, "--split", "test", "--n", "2", "-o", out, "--backend", "fake")
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["benchmarks"]["arith_hf"]["problems"] == 3  # the gradable rows of the test split
+    result = invoke("--data", folder, *fields, "--split", "nope", "-o", out, "--backend", "fake")
+    assert result.exit_code == 2 and "nope" in result.output

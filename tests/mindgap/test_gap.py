@@ -222,3 +222,18 @@ def test_gap_cli_errors(extra: tuple[str, ...], message: str, raw_file: Path, tm
     result = invoke(*args, "-o", tmp_path / "g", "--backend", "fake")
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_gap_cli_reads_a_split_of_an_hf_datasets_folder(tmp_path: Path) -> None:
+    import datasets
+
+    rows = [{"id": p.id, "question": p.question, "solution": p.solution} for p in PROBLEMS]
+    folder = tmp_path / "raw_hf"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:1]), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(folder))
+    out = tmp_path / "gap"
+    result = invoke(folder, "--split", "test", "-o", out, "--backend", "fake")
+    assert result.exit_code == 0, result.output
+    (raw,) = json.loads((out / "gap.json").read_text())["datasets"]
+    assert raw["kind"] == "problems" and raw["stage_counts"] == {"expert": len(PROBLEMS)}
