@@ -196,7 +196,8 @@ def _choose_split(ds: Any, split: str | None, where: str) -> Any:
         splits = list(ds.keys())
         chosen = split or ("train" if "train" in ds else splits[0] if len(splits) == 1 else None)
         if chosen is None or chosen not in ds:
-            raise DataError(f"{where}: choose a split with --split (available: {', '.join(splits)})")
+            asked = f"no split {split!r}; " if split is not None else ""
+            raise DataError(f"{where}: {asked}choose a split with --split (available: {', '.join(splits)})")
         return ds[chosen]
     if split is not None and split != str(ds.split or split):
         raise DataError(f"{where}: holds a single dataset (split {ds.split}), not split {split!r}")
