@@ -15,10 +15,13 @@ experiments/guidance_filter/, see docs/pipeline.md):
   ("15 To solve the problem, 7 + 8 = 15…", "Since the answer is 10, 3 + 7…"). A response that only
   concludes with its answer ("Adding two and three gives 5.") is not caught. Checked for numeric gold
   answers that do not occur in the question.
-- `likelihood`: its tokens are on average more than `guidance_max_logprob_gain` nats more likely after
-  the guided prompt than after the plain one, both scored at temperature 1: it only makes sense with
-  the guidance in view. This one needs two scoring passes, so it runs last and only for responses the
-  text signals pass.
+- `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
+  `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both
+  scored at temperature 1: that part only makes sense with the guidance in view ("Using the given
+  answer", "Your response is incomplete"). A window, not the whole response: a leaning phrase is a few
+  tokens of a long response, and its mean over every token is diluted (measured: the windowed gain
+  separates the labelled responses better). This one needs two scoring passes, so it runs last and only
+  for responses the text signals pass.
 
 Words are lower-case alphabetic runs: numbers, symbols, LaTeX commands and GSM8K calculator notes are
 dropped, so restating the problem's numbers never counts as an echo or a copy.
@@ -61,6 +64,7 @@ class GuidanceLimits:
     copy_words: int
     answer_first: bool
     max_logprob_gain: float | None
+    gain_window: int
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class GuidanceCheck:
     echo_words: int  # longest run of the guided prompt's own wording repeated
     copy_words: int  # longest run of the guidance body copied
     answer_first: bool  # the gold answer stated before any work
-    logprob_gain: float | None = None  # mean per-token log p(guided) - log p(plain); None: not scored
+    logprob_gain: float | None = None  # largest windowed mean of log p(guided) - log p(plain); None: not scored
     reason: GuidanceReason | None = None
 
     def to_meta(self) -> dict[str, Any]:
@@ -102,6 +106,7 @@ def limits_of(params: StageParams) -> GuidanceLimits:
         copy_words=params.guidance_copy_words,
         answer_first=params.guidance_answer_first,
         max_logprob_gain=params.guidance_max_logprob_gain,
+        gain_window=params.guidance_gain_window,
     )
 
 
@@ -182,11 +187,18 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
     return GuidanceCheck(echo_words=echo, copy_words=copy, answer_first=first, reason=reason)
 
 
-def logprob_gain(plain: Sequence[float], guided: Sequence[float]) -> float:
-    """Mean per-token log-prob gain of a response from the plain prompt to the guided one (nats)."""
+def logprob_gain(plain: Sequence[float], guided: Sequence[float], window: int) -> float:
+    """The largest mean per-token log-prob gain (nats) from the plain prompt to the guided one over any
+    `window` consecutive tokens of a response (its whole length when shorter)."""
     if len(plain) != len(guided) or not plain:
         raise ValueError(f"need two aligned non-empty score lists, got {len(plain)} and {len(guided)}")
-    return sum(g - p for p, g in zip(plain, guided, strict=True)) / len(plain)
+    gains = [g - p for p, g in zip(plain, guided, strict=True)]
+    width = min(window, len(gains))
+    total = best = sum(gains[:width])
+    for i in range(width, len(gains)):
+        total += gains[i] - gains[i - width]
+        best = max(best, total)
+    return best / width
 
 
 def with_likelihood(check: GuidanceCheck, gain: float, limits: GuidanceLimits) -> GuidanceCheck:

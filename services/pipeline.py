@@ -310,7 +310,8 @@ async def _check_guidance(
     plain, guided = await asyncio.gather(
         engine.score(w.plain_prompt, kept.token_ids), engine.score(guided_prompt, kept.token_ids)
     )
-    return replace(kept, guidance_check=with_likelihood(check, logprob_gain(plain, guided), limits), target=plain)
+    gain = logprob_gain(plain, guided, limits.gain_window)
+    return replace(kept, guidance_check=with_likelihood(check, gain, limits), target=plain)
 
 
 def _expert_response(w: _Work, engine: Engine, fmt: ExpertFormat) -> _Kept | None:

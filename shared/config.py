@@ -78,12 +78,13 @@ class StageParams(BaseModel):
         True, description="reject a guided response that states the (numeric) gold answer before any work"
     )
     guidance_max_logprob_gain: float | None = Field(
-        0.5,
+        0.7,
         gt=0.0,
-        description="reject a guided response whose tokens are on average more than this many nats more likely"
-        " after the guided prompt than after the plain one (temperature 1; two scoring passes per correct"
-        " guided response the text signals pass); null = off",
+        description="reject a guided response with `guidance_gain_window` consecutive tokens that are on average"
+        " more than this many nats more likely after the guided prompt than after the plain one (temperature 1;"
+        " two scoring passes per correct guided response the text signals pass); null = off",
     )
+    guidance_gain_window: int = Field(8, ge=1, description="tokens per window of the likelihood signal")
     score: bool = Field(
         False,
         description="score every kept response on the training prompt (the records' target_logprobs); costs"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,8 @@ def verdicts(
         mode: GuidanceMode = row["mode"]
         ctx = guidance_context(p.question, p.solution, gold, mode, StageParams().hint_fraction)
         check = text_check(row["text"], ctx, limits)
-        check = with_likelihood(check, logprob_gain(row["plain_logprobs"], row["guided_logprobs"]), limits)
+        gain = logprob_gain(row["plain_logprobs"], row["guided_logprobs"], limits.gain_window)
+        check = with_likelihood(check, gain, limits)
         out.append(check.to_meta())
     return out
 
@@ -117,11 +118,13 @@ def main(args: argparse.Namespace) -> None:
     rows = load(args.labelled)
     problems = {p.id: p for p in (Problem.model_validate(r) for r in load(args.problems))}
     limits = limits_of(StageParams())
-    for subset, keep in (
-        ("all", lambda r: True),
-        ("model", lambda r: r["origin"] == "model"),
-        ("hand", lambda r: r["origin"] == "hand"),
-    ):
+    subsets: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "all": lambda r: True,
+        "correct (what the filter sees)": lambda r: bool(r["correct"]),
+        "model": lambda r: r["origin"] == "model",
+        "hand": lambda r: r["origin"] == "hand",
+    }
+    for subset, keep in subsets.items():
         part = [r for r in rows if keep(r)]
         labels = [r["label"] == "lean" for r in part]
         checks = verdicts(part, problems, limits)
@@ -137,6 +140,7 @@ def main(args: argparse.Namespace) -> None:
                 copy_words=limits.copy_words if reason == "copy" else 0,
                 answer_first=reason == "answer_first",
                 max_logprob_gain=limits.max_logprob_gain if reason == "likelihood" else None,
+                gain_window=limits.gain_window,
             )
             report(f"  {reason} alone", labels, [c["reason"] is not None for c in verdicts(part, problems, alone)])
     if args.sweep:
@@ -145,7 +149,10 @@ def main(args: argparse.Namespace) -> None:
         for echo in (3, 4, 5, 6, 8):
             flagged = [c["reason"] is not None for c in verdicts(rows, problems, replace(limits, echo_words=echo))]
             report(f"echo_words {echo}", labels, flagged)
-        for gain in (0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, None):
+        for window in (4, 8, 16, 1000):
+            flagged = [c["reason"] is not None for c in verdicts(rows, problems, replace(limits, gain_window=window))]
+            report(f"gain_window {window}", labels, flagged)
+        for gain in (0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, None):
             flagged = [
                 c["reason"] is not None for c in verdicts(rows, problems, replace(limits, max_logprob_gain=gain))
             ]

@@ -98,9 +98,14 @@ def test_answer_first_is_not_judged_when_the_answer_is_in_the_question_or_not_a_
 
 
 def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
-    assert logprob_gain([-2.0, -4.0], [-1.0, -1.0]) == pytest.approx(2.0)
+    assert logprob_gain([-2.0, -4.0], [-1.0, -1.0], 8) == pytest.approx(2.0)  # shorter than a window: all of it
+    # a leaning stretch of 2 tokens in 10: diluted over the whole response, plain in a window of 2
+    plain, guided = [-1.0] * 10, [-1.0] * 4 + [0.0, 0.0] + [-1.0] * 4
+    assert logprob_gain(plain, guided, 10) == pytest.approx(0.2)
+    assert logprob_gain(plain, guided, 2) == pytest.approx(1.0)
+    assert logprob_gain(plain, guided, 3) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="aligned"):
-        logprob_gain([-1.0], [-1.0, -2.0])
+        logprob_gain([-1.0], [-1.0, -2.0], 8)
     clean = check(CLEAN)
     assert with_likelihood(clean, 0.1, LIMITS).reason is None
     assert with_likelihood(clean, LIMITS.max_logprob_gain + 0.01, LIMITS).reason == "likelihood"  # type: ignore[operator]
@@ -110,7 +115,7 @@ def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
 
 
 def test_limits_switch_signals_off() -> None:
-    off = GuidanceLimits(echo_words=0, copy_words=0, answer_first=False, max_logprob_gain=None)
+    off = GuidanceLimits(echo_words=0, copy_words=0, answer_first=False, max_logprob_gain=None, gain_window=8)
     ctx = guidance_context(QUESTION, SOLUTION, "9", "answer", 0.5)
     assert text_check("The correct final answer is 9. So 16 - 7 = 9.", ctx, off).reason is None
     assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
