@@ -478,7 +478,6 @@ class Summary:
         table.add_row("dropped (no example)", str(self.dropped), "", "")
         table.add_row("skipped input rows", str(self.skipped_rows), "", "")
         rejected = " · ".join(f"{reason} {n}" for reason, n in self.guidance_rejected.items())
-        table.add_row("guided rejected, leaning on the guidance", str(sum(self.guidance_rejected.values())), "", "")
         table.caption = (
             f"mean response {self.mean_response_tokens:.1f} tokens · generated {self.generated_tokens} tokens"
             f" in {self.wall_seconds:.1f} s ({self.tokens_per_second:.1f} tok/s) · guided responses leaning on"
