@@ -83,9 +83,7 @@ def test_train_prefix_flag_still_works_warns_and_reaches_the_ranks_as_key_prefix
         with caplog.at_level(logging.WARNING):
             result = runner.invoke(app, ["train", "--nproc", "2", "--source", "redis", *given])
         assert result.exit_code == 0, result.output
-        assert _warnings(caplog) == [
-            "--prefix is deprecated and will be removed in the next release: use --key-prefix"
-        ]
+        assert _warnings(caplog) == ["--prefix is deprecated and will be removed in the next release: use --key-prefix"]
         tail = captured["argv"][captured["argv"].index("trainer") + 1 :]
         assert tail[tail.index("--key-prefix") + 1] == "old-flag" and "--prefix" not in tail
         assert parse_args(tail)[0].key_prefix == "old-flag"
