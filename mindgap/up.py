@@ -210,7 +210,7 @@ def redis_spec(run_dir: Path) -> tuple[ChildSpec, str]:
 
 def _cli(*args: str) -> list[str]:
     # the same interpreter and package as this process, whatever is on PATH
-    return [sys.executable, "-m", "mindgap.cli", *args]
+    return [sys.executable, "-m", "mindgap", *args]
 
 
 def service_spec(cfg: UpConfig, port: int) -> ChildSpec:

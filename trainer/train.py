@@ -28,7 +28,6 @@ from shared.model_source import resolve_model
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.data import FileSource, RedisSource, Source, TrainItem, collate, prepare_item
-from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
 from trainer.losses import (
     GAP_FIELDS,
     STAGES,
@@ -41,6 +40,7 @@ from trainer.losses import (
     token_logprobs,
 )
 from trainer.publish import GAP_PREFIX, Announcer, gap_line
+from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
 
 log = logging.getLogger("mindgap.trainer")
 
