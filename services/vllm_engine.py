@@ -92,6 +92,8 @@ class VLLMEngine:
             enforce_eager=cfg.enforce_eager,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
+            # the weight-loading progress bar shows along with vLLM's INFO lines (-v), not in a quiet run
+            use_tqdm_on_load=os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() in ("DEBUG", "INFO"),
         )
         started = time.perf_counter()
         try:
