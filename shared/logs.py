@@ -41,6 +41,7 @@ def library_env(verbose: bool) -> dict[str, str]:
         "VLLM_LOGGING_LEVEL": "WARNING",
         "TRANSFORMERS_VERBOSITY": "warning",
         "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10d / gloo notices printed by torch's C++ side
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading and saving bars (trainer checkpoints)
         "PYTHONWARNINGS": HIDDEN_WARNINGS,
     }
 
