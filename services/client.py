@@ -228,11 +228,13 @@ class MindgapClient:
         """The policy version served and its reload history."""
         return PolicyStatus.model_validate(self._check(self.http.get("/v1/policy")).json())
 
-    def reload(self, path: str, version: int | None = None) -> ReloadRecord:
-        """Force a weight reload (admin key)."""
+    def reload(self, path: str, version: int | None = None, allow_rollback: bool = False) -> ReloadRecord:
+        """Force a weight reload (admin key); a version not above the served one needs `allow_rollback`."""
         body: dict[str, Any] = {"path": path}
         if version is not None:
             body["version"] = version
+        if allow_rollback:
+            body["allow_rollback"] = True
         return ReloadRecord.model_validate(self._check(self.http.post("/v1/policy/reload", json=body)).json())
 
     def ready(self) -> bool:

@@ -4,6 +4,7 @@ the version stamped on every later example, corrupt policy hashes and rollbacks.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,3 +275,19 @@ async def test_versions_only_go_forward_unless_an_admin_forces_a_rollback(
         # … but a newer one is taken as usual
         await publish(redis_url, key_prefix, 6, checkpoint(tmp_path, 6))
         await policy_after(client, lambda p: p["version"] == 6)
+
+
+def test_the_client_asks_for_a_rollback_only_when_told() -> None:
+    from services.client import MindgapClient
+
+    bodies: list[dict[str, object]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        record = {"time": 0.0, "version": 3, "path": "/ckpt/v3", "duration_s": 0.1, "outcome": "loaded"}
+        return httpx.Response(200, json=record | {"source": "admin"})
+
+    with MindgapClient("http://service", "root", transport=httpx.MockTransport(answer)) as client:
+        client.reload("/ckpt/v3")
+        client.reload("/ckpt/v3", 3, allow_rollback=True)
+    assert bodies == [{"path": "/ckpt/v3"}, {"path": "/ckpt/v3", "version": 3, "allow_rollback": True}]
