@@ -30,8 +30,8 @@ log = logging.getLogger("mindgap.bench")
 LINES: dict[str, str] = {
     "queue": "queue",
     "service": "service",
-    "rewrite": "engine",
-    "reload": "engine",
+    "rewrite": "rewriting",
+    "reload": "rewriting",
     "trainer": "trainer",
 }
 ALIASES = {"memory": ("service", "trainer")}

@@ -111,7 +111,7 @@ def test_select_and_plan():
     with pytest.raises(ValueError, match="unknown bench line 'nope'"):
         select(["nope"])
     assert plan(["rewrite", "reload", "trainer"]) == {
-        "engine": frozenset({"rewrite", "reload"}),
+        "rewriting": frozenset({"rewrite", "reload"}),
         "trainer": frozenset({"trainer"}),
     }
 
@@ -133,7 +133,7 @@ def test_run_bench_records_a_broken_line_and_goes_on(tmp_path: Path):
         quick=True,
         repeat=2,
         data_dir=tmp_path,
-        runners={"queue": good, "engine": broken},
+        runners={"queue": good, "rewriting": broken},
         on_line=lambda r: written.append(len(r.lines)),
     )
     assert seen == [frozenset({"queue"})]
@@ -226,3 +226,10 @@ async def test_naive_schedule_keeps_what_the_pipeline_keeps_from_more_tokens() -
     assert naive["tokens"] > sum(o.generated_tokens for o in outcomes)
     # params.score is off: both score only for the guidance filter's likelihood check, the same responses
     assert naive_engine.stats.scored_tokens == engine.stats.scored_tokens > 0
+
+
+def test_every_line_names_a_module_with_a_runner() -> None:
+    from mindgap.bench.runner import LINES, _runner
+
+    for module in set(LINES.values()):
+        assert callable(_runner(module)), module
