@@ -160,7 +160,7 @@ def test_data_files_are_disjoint_and_reproducible(repro: ModuleType, tmp_path: P
     first = {k: p.read_text() for k, p in paths.items()}
     assert repro.write_data(args) == paths and {k: p.read_text() for k, p in paths.items()} == first
     read = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
-    assert [len(read[k]) for k in ("train", "arith_heldout", "retention", "gsm8k_heldout")] == [256, 400, 200, 5]
+    assert [len(read[k]) for k in ("train", "arith_heldout", "retention", "gsm8k_heldout")] == [256, 400, 100, 5]
     assert not {r["question"] for r in read["train"]} & {r["question"] for r in read["arith_heldout"]}
     sets = repro.eval_sets(paths)
     assert [s.name for s in sets] == ["arith_heldout", "retention", "gsm8k_heldout"]
