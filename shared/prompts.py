@@ -1,4 +1,4 @@
-"""Prompts: the plain solve prompt, guided prompts for the three guidance modes, the leak filter, rendering.
+"""Prompts: the plain solve prompt, guided prompts for the three guidance modes, expert text, rendering.
 
 `render_prompt_ids` is the one place a chat prompt becomes token ids: the engine samples and scores on
 it and the trainer trains on it, so both see exactly the same tokens. It neutralises special-token text
@@ -25,19 +25,6 @@ GUIDED_INSTRUCTION = (
     "Now write your own complete solution to the problem, reasoning step by step as if you were solving it "
     "for the first time. Do not mention or refer to the {what}, and do not copy its wording. "
     "Put your final answer within \\boxed{{}}."
-)
-
-# A response that copies this many consecutive words of the reference solution is a copy, not a
-# re-solve. Words are alphabetic runs only (numbers, symbols and LaTeX commands are dropped), so restating
-# the numbers of a short GSM8K solution never counts; spans that also occur in the question do not count.
-LEAK_SPAN_WORDS = 12
-
-_LEAK_PHRASES = re.compile(
-    r"reference solution|reference answer|(?:the|this|that) (?:given|provided|official|sample|above) "
-    r"(?:solution|answer|hint)|as (?:shown|given|stated|mentioned|done|suggested) in the (?:solution|hint|"
-    r"reference)|according to the (?:solution|hint|reference)|the (?:solution|answer|hint) (?:provided|given)"
-    r"|provided (?:solution|answer)|given (?:solution|answer) (?:is|says|states|shows)|\bthe hint\b",
-    re.IGNORECASE,
 )
 
 # Inserted after the first character of special-token text found in data: the text stays readable and
@@ -116,32 +103,6 @@ def expert_text(solution: str | None, answer: str | None, gold: str | None, fmt:
     if not solution and gold is not None and "\\boxed" not in text:
         return f"\\boxed{{{gold}}}"
     return text
-
-
-def _words(text: str) -> list[str]:
-    text = re.sub(r"<<[^<>]*>>", " ", text)  # GSM8K calculator notes
-    text = re.sub(r"\\[a-zA-Z]+", " ", text)  # LaTeX commands are not prose
-    return re.findall(r"[a-z]+", text.lower())
-
-
-def _spans(words: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def leak_reason(response: str, solution: str | None, question: str | None = None) -> str | None:
-    """Why a guided response leaks its guidance (mentions it, or copies a long span), or None when clean."""
-    m = _LEAK_PHRASES.search(response)
-    if m:
-        return f"refers to the guidance ({m.group(0)!r})"
-    if not solution:
-        return None
-    copied = _spans(_words(response), LEAK_SPAN_WORDS) & _spans(_words(solution), LEAK_SPAN_WORDS)
-    if question:
-        copied -= _spans(_words(question), LEAK_SPAN_WORDS)
-    if copied:
-        span = " ".join(sorted(copied)[0])
-        return f"copies {LEAK_SPAN_WORDS}+ consecutive words of the reference solution ({span!r})"
-    return None
 
 
 def special_token_strings(tokenizer: Any) -> list[str]:

@@ -1,4 +1,4 @@
-"""Prompts: solve and guided prompts, the leak filter, and chat-template rendering that data cannot hijack."""
+"""Prompts: solve and guided prompts, and chat-template rendering that data cannot hijack."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ from typing import Any
 import pytest
 
 from shared.prompts import (
-    LEAK_SPAN_WORDS,
     SOLVE_INSTRUCTION,
     ZERO_WIDTH_JOINER,
     guided_messages,
     hint_prefix,
-    leak_reason,
     render_prompt_ids,
     solve_messages,
     special_token_strings,
@@ -75,52 +73,6 @@ def test_guided_falls_back_to_answer_without_solution() -> None:
 )
 def test_hint_prefix_cuts_at_boundaries(solution: str, fraction: float, prefix: str) -> None:
     assert hint_prefix(solution, fraction) == prefix
-
-
-@pytest.mark.parametrize(
-    "response",
-    [
-        "According to the reference solution, r = 3.",
-        "As shown in the solution, the angle is pi/2.",
-        "Using the hint, we continue: \\boxed{3}",
-        "The provided answer is 72, so let us verify it.",
-        "Following the given solution we get \\boxed{72}.",
-    ],
-)
-def test_leak_reason_catches_references_to_guidance(response: str) -> None:
-    reason = leak_reason(response, MATH_SOLUTION)
-    assert reason is not None and "refers to the guidance" in reason
-
-
-def test_leak_reason_catches_long_verbatim_copy() -> None:
-    # A copy of the solution with different spacing and case is still a copy.
-    response = "  ".join(MATH_SOLUTION.upper().split())
-    reason = leak_reason(response, MATH_SOLUTION)
-    assert reason is not None and f"{LEAK_SPAN_WORDS}+ consecutive words" in reason
-
-
-def test_leak_reason_accepts_own_solution() -> None:
-    response = (
-        "The point (0,3) lies on the positive y-axis, at distance 3 from the origin, so r = 3 and "
-        "theta = pi/2. The answer is \\boxed{(3, \\frac{\\pi}{2})}."
-    )
-    assert leak_reason(response, MATH_SOLUTION) is None
-
-
-def test_leak_reason_accepts_restated_gsm8k_numbers() -> None:
-    response = (
-        "In May Natalia sold 48/2 = 24 clips. Adding April, she sold 48+24 = 72 clips in total.\n"
-        "The answer is \\boxed{72}."
-    )
-    assert leak_reason(response, GSM8K_SOLUTION) is None
-
-
-def test_leak_reason_ignores_spans_from_the_question() -> None:
-    question = "Natalia sold clips to all of her many friends in the months of April and May this year."
-    solution = "Natalia sold clips to all of her many friends in the months of April and May this year, 72."
-    response = "We know Natalia sold clips to all of her many friends in the months of April and May this year."
-    assert leak_reason(response, solution, question) is None
-    assert leak_reason(response, solution) is not None
 
 
 # ------------------------------------------------------------------------------------ rendering
