@@ -181,7 +181,7 @@ async def naive_batch(problems: Sequence[Any], engine: Any, grader: Any, params:
                 ours, theirs = await asyncio.gather(
                     engine.score(plain[i], s.token_ids), engine.score(guided[i], s.token_ids)
                 )
-                check = with_likelihood(check, logprob_gain(ours, theirs), limits)
+                check = with_likelihood(check, logprob_gain(ours, theirs, limits.gain_window), limits)
             if check.reason is None:
                 kept.append(s)
         return kept
