@@ -112,6 +112,7 @@ DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty(max_number=20, min_steps=1, max_steps=1, ops="+-", phrasing="plain"),
     "medium": Difficulty(max_number=20, min_steps=1, max_steps=2, ops="+-×", phrasing="varied"),
     "hard": Difficulty(max_number=50, min_steps=2, max_steps=3, ops="+-×÷", phrasing="distractor"),
+    "starter": Difficulty(max_number=10, min_steps=1, max_steps=1, ops="+", phrasing="plain"),
 }
 
 

@@ -67,6 +67,8 @@ COMPARISONS = (
     ("dft-rewritten", "sft-rewritten"),
     ("is-rewritten", "dft-rewritten"),
 )
+# calibration problems per set: data-seed + offset (fixed, so a setting added later leaves the others alone)
+CALIBRATION_SEED_OFFSETS = {"easy": 10, "medium": 11, "hard": 12, "retention": 13, "starter": 14}
 METHOD = "qwen"  # the grading the tables use (math-verify is in each eval report)
 TOY = {
     "train_size": 4, "heldout_size": 4, "retention_size": 2, "gsm8k_size": 2, "steps": 2, "batch_size": 2,
@@ -633,7 +635,7 @@ async def calibrate(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # Seeds apart from the run's (data-seed .. data-seed+2), so calibrating never looks at the held-out set;
     # measured in the order given (results are saved after each set).
-    seeds = {name: args.data_seed + 10 + i for i, name in enumerate(known)}
+    seeds = {name: args.data_seed + CALIBRATION_SEED_OFFSETS[name] for name in known}
     sets = {
         name: arith.retention(args.calib_size, seeds[name])
         if name == "retention"
@@ -656,7 +658,8 @@ async def calibrate(args: argparse.Namespace) -> None:
             seconds = time.monotonic() - t0
             b = result["report"]["benchmarks"][name]
             tokens = b["mean_response_tokens"] * args.n * b["problems"]
-            results.setdefault("sets", {})[name] = {
+            # keyed by set and temperature: calibrating at another temperature adds rows
+            results.setdefault("sets", {})[f"{name} T={args.temperature:g}"] = {
                 "difficulty": arith.DIFFICULTIES[name].label() if name in arith.DIFFICULTIES else "largest_of_three",
                 "problems": b["problems"],
                 "n": args.n,
@@ -668,6 +671,7 @@ async def calibrate(args: argparse.Namespace) -> None:
                 "seconds": round(seconds, 1),
                 "tokens_per_s": round(tokens / seconds, 1),
                 "max_tokens": args.eval_max_tokens,
+                "temperature": args.temperature,
                 "load_average": os.getloadavg(),
             }
             atomic_write_text(path, json.dumps(results, indent=2) + "\n")
@@ -680,8 +684,8 @@ async def calibrate(args: argparse.Namespace) -> None:
 def calibration_markdown(results: dict[str, Any]) -> str:
     """The calibration table."""
     lines = [
-        "| set | setting | problems × n | avg@n % [95 % CI] | pass@n % | truncated % | mean tokens | s | tokens/s "
-        "| load avg |",
+        "| set, temperature | setting | problems × n | avg@n % [95 % CI] | pass@n % | truncated % | mean tokens | s "
+        "| tokens/s | load avg |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.get("sets", {}).items():

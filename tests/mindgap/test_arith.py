@@ -53,7 +53,7 @@ def test_same_seed_same_problems_other_seed_others(arith: ModuleType) -> None:
     assert arith.retention(20, 1) == arith.retention(20, 1)
 
 
-@pytest.mark.parametrize("name", ["easy", "medium", "hard"])
+@pytest.mark.parametrize("name", ["starter", "easy", "medium", "hard"])
 def test_held_out_never_in_training_and_questions_distinct(arith: ModuleType, name: str) -> None:
     train, heldout = arith.split_sets(600, 400, arith.DIFFICULTIES[name], 17, 18)
     train_q = [r["question"] for r in train]
@@ -73,7 +73,7 @@ def test_exclusion_is_honoured_and_a_small_space_runs_dry_loudly(arith: ModuleTy
         arith.problems(24 * 16 * 2 * 3 + 1, tiny, 1)
 
 
-@pytest.mark.parametrize("name", ["easy", "medium", "hard"])
+@pytest.mark.parametrize("name", ["starter", "easy", "medium", "hard"])
 def test_solutions_are_terse_chains_whose_gold_answer_is_right(arith: ModuleType, name: str) -> None:
     d = arith.DIFFICULTIES[name]
     for row in arith.problems(300, d, 5):
@@ -102,6 +102,8 @@ def test_difficulty_knob_moves_numbers_steps_and_phrasing(arith: ModuleType) -> 
     assert all(len(r["steps"]) == 1 and r["start"] <= 20 for r in easy)
     assert all(s["operand"] <= 20 for r in easy for s in r["steps"])
     assert max(r["start"] for r in hard) > 20 and {len(r["steps"]) for r in hard} == {2, 3}
+    starter = arith.problems(300, arith.DIFFICULTIES["starter"], 9)
+    assert all(r["start"] <= 10 and [s["op"] for s in r["steps"]] == ["+"] for r in starter)
     # plain phrasing: one template per operation and the fixed question; distractor: one more person
     assert all(r["question"].endswith("have now?") and " has " in r["question"] for r in easy)
     plain_names = [{n for n in arith.NAMES if n in r["question"]} for r in easy]
