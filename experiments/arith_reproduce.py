@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; `--toy` overrides the sizes (not the arms or seeds) with a few-minute setting."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     reproduce.add_shared_options(p)
-    p.add_argument("--difficulty", default="medium", choices=sorted(arith.DIFFICULTIES), help="problem setting")
+    p.add_argument("--difficulty", default="starter", choices=sorted(arith.DIFFICULTIES), help="problem setting")
     p.add_argument(
         "--data-seed", type=int, default=17, help="problem generator seed (train; +1 held-out, +2 retention)"
     )
@@ -93,7 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gsm8k-size", type=int, default=50, help="GSM8K problems for the transfer check (0 = none)")
     p.add_argument("--gsm8k", type=Path, default=None, help="GSM8K train.jsonl (default: <data dir>/gsm8k/)")
     p.add_argument("--arms", default=ARMS, help="<loss>-<raw|rewritten> fine-tunes, comma-separated")
-    p.add_argument("--seeds", default="0,1", help="training seeds per arm, comma-separated")
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="training seeds per arm, comma-separated (add one later: same command, --seeds 0,1)",
+    )
     p.add_argument("--kl-prompts", type=int, default=64, help="held-out prompts per set in the KL/NLL probe")
     p.add_argument("--keep-weights", action="store_true", help="keep each arm's checkpoint after its evaluation")
     p.add_argument("--report", action="store_true", help="only rebuild results.{md,json} and plots from --out")
@@ -102,7 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--calib-size", type=int, default=100, help="problems per difficulty (and retention) to calibrate")
     p.add_argument("--toy", action="store_true", help="tiny sizes for an end-to-end check in minutes")
-    p.set_defaults(steps=48, batch_size=8, lr=2e-5, max_tokens=200, eval_max_tokens=200, max_model_len=1024)
+    # Evaluation at temperature 0.6: at 1 the base model's answers are mostly incoherent (calibration.md).
+    p.set_defaults(
+        steps=48, batch_size=8, lr=2e-5, max_tokens=200, eval_max_tokens=200, max_model_len=1024, temperature=0.6
+    )
     args = p.parse_args(argv)
     if args.toy:
         for key, value in TOY.items():

@@ -151,7 +151,7 @@ def test_toy_overrides_sizes(repro: ModuleType) -> None:
     args = repro.parse_args(["--out", "x", "--toy", "--heldout-size", "999"])
     assert args.heldout_size == 4 and args.steps == 2 and args.enforce_eager
     full = repro.parse_args(["--out", "x"])
-    assert full.heldout_size >= 400 and full.n >= 4 and full.seeds == "0,1"
+    assert full.heldout_size >= 400 and full.n >= 4 and full.seeds == "0" and full.difficulty == "starter"
 
 
 def test_data_files_are_disjoint_and_reproducible(repro: ModuleType, tmp_path: Path) -> None:
