@@ -26,22 +26,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from mindgap.data import SAMPLE
 from services import vllm_version
 from shared.config import EngineConfig, StageParams
 from shared.dataio import read_problems
 from shared.schema import Example
 
-if TYPE_CHECKING:
-    from services.engine import Engine
-
-SAMPLE = Path(__file__).with_name("data") / "sample.jsonl"
 PROBLEMS = 8
 # Per-token |log p_vLLM − log p_transformers| allowed in the score step. Both run the same weights in the
 # same dtype, but kernels differ (vLLM's fused attention, bf16 accumulation order): measured on the 2-core
@@ -172,18 +170,18 @@ async def _engine_steps(
     report: Report, cfg: EngineConfig, work: Path, emit: Callable[[str], None]
 ) -> tuple[list[Example], str | None]:
     """engine, rewrite, score, reload on one vLLM engine; the records written and the resolved model folder."""
-    from services.engine import create_engine
     from services.pipeline import rewrite_batch
+    from services.vllm_engine import VLLMEngine
     from shared.grading import Grader
 
-    engine: Engine | None = None
+    engine: VLLMEngine | None = None
     records: list[Example] = []
     model_dir: str | None = None
     with _timed(report, "engine", emit) as out:
-        engine = await create_engine("vllm", cfg)
-        model_dir = getattr(engine, "model_path", None)
-        out["detail"] = f"vLLM engine on {model_dir}"
-    if engine is None:
+        engine = await VLLMEngine.create(cfg)
+        model_dir = engine.model_path
+        out["detail"] = f"vLLM engine on {model_dir} ({engine.dtype})"
+    if engine is None or model_dir is None:
         return records, model_dir
     try:
         with _timed(report, "rewrite", emit) as out:
@@ -192,20 +190,18 @@ async def _engine_steps(
             with Grader(1, 10.0) as grader:
                 outcomes = await rewrite_batch(problems, engine, grader, params, id_salt="doctor")
             records = [ex for o in outcomes for ex in o.examples]
-            stages: dict[str, int] = {}
-            for ex in records:
-                stages[ex.stage.value] = stages.get(ex.stage.value, 0) + 1
+            stages = Counter(ex.stage.value for ex in records)
             if len({ex.problem_id for ex in records}) != len(problems):
                 out["verdict"] = "FAIL"
             out["detail"] = f"{len(problems)} problems → {len(records)} records " + json.dumps(stages)
-        if not records or model_dir is None:
+        if not records:
             return records, model_dir
         record = next((ex for ex in records if ex.behavior_logprobs), records[0])
         prompt_ids = engine.render_prompt(record.prompt)
         before: list[float] = []
         with _timed(report, "score", emit) as out:
             before = await engine.score(prompt_ids, record.completion_token_ids)
-            hf = transformers_logprobs(model_dir, prompt_ids, record.completion_token_ids, _dtype(engine))
+            hf = transformers_logprobs(model_dir, prompt_ids, record.completion_token_ids, engine.dtype)
             ok, out["detail"] = compare(before, hf)
             out["detail"] = f"{record.stage.value} record: {out['detail']}"
             if not ok:
@@ -220,16 +216,8 @@ async def _engine_steps(
             if worst > 1e-3 or not before:
                 out["verdict"] = "FAIL"
     finally:
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown is not None:
-            await shutdown()  # frees the accelerator for the training step
+        await engine.shutdown()  # frees the accelerator for the training step
     return records, model_dir
-
-
-def _dtype(engine: Engine) -> str:
-    llm = getattr(engine, "_llm", None)
-    dtype = getattr(getattr(llm, "model_config", None), "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
 def _train_step(report: Report, records: list[Example], model: str, work: Path, emit: Callable[[str], None]) -> None:

@@ -21,6 +21,7 @@ Redis hangs, and says why an unfinished job makes no progress while the trainer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -234,6 +235,8 @@ class JobStore:
         # The index would otherwise keep one id per job ever created: drop the expired ones as we go.
         await self.trim_examples(now)
         epochs = 1 if spec.mode == "once" else (spec.epochs or 0)  # 0: until cancelled
+        # Serialising a big upload takes seconds of pure Python: not on the event loop that answers /healthz.
+        rows = await asyncio.to_thread(lambda: [p.model_dump_json() for p in problems])
         await ensure_group(self.r, k.job_tasks(job_id), REWRITER_GROUP)
         await ensure_group(self.r, k.examples, TRAINER_GROUP)
         async with self.r.pipeline(transaction=True) as pipe:
@@ -256,8 +259,8 @@ class JobStore:
                     "fields": json.dumps(spec.fields),
                 },
             )
-            for start in range(0, len(problems), 1000):
-                pipe.rpush(k.job_problems(job_id), *(p.model_dump_json() for p in problems[start : start + 1000]))
+            for start in range(0, len(rows), 1000):
+                pipe.rpush(k.job_problems(job_id), *rows[start : start + 1000])
             for start in range(0, len(errors), 1000):
                 pipe.rpush(k.job_errors(job_id), *(ROW_ERROR.dump_json(e) for e in errors[start : start + 1000]))
             for c in range(chunks):

@@ -18,11 +18,12 @@ samples still running are aborted and the problem goes on to its next step. Thei
 `generated_tokens` (the engine spent them), as `aborted` samples rather than attempts. Which problems
 reach which stage does not change: a stage is left early only once it has produced what it would keep.
 
-Prefix sharing: the samples of one prompt in a round are sent together. vLLM runs them as `n` sequences
-that share the prompt's KV blocks through prefix caching (on by default:
-`EngineConfig.enable_prefix_caching`), and a later round of the same prompt reuses the blocks while
-they are cached. Only full blocks are shared (16 tokens on a GPU, 128 on CPU, where a plain prompt
-shorter than a block is computed per sample, which costs little next to decoding). Scoring requests
+Prefix sharing: the samples of one prompt in a round are sent together, as `n` one-sample requests
+(`Engine.stream`) so that each is graded as it finishes and the rest aborted at the first keeper. They
+share the prompt's KV blocks through prefix caching (on by default: `EngineConfig.enable_prefix_caching`),
+and a later round of the same prompt reuses the blocks while they are cached. Only full blocks are
+shared (16 tokens on a GPU, 128 on CPU, where a plain prompt shorter than a block is computed per
+sample, which costs little next to decoding). Scoring requests
 always recompute their prompt: vLLM skips the prefix cache for a request that asks for prompt log-probs.
 
 Decisions the design notes leave open, made here:

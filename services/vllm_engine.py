@@ -103,6 +103,11 @@ class VLLMEngine:
         log.info("vLLM engine on %s (%s) started in %.1f s", model, args.dtype, time.perf_counter() - started)
         return cls(llm, model, _reference_shapes(model))
 
+    @property
+    def dtype(self) -> str:
+        """The dtype the weights run in, as vLLM resolved it ('bfloat16', 'float32', …)."""
+        return str(self._llm.model_config.dtype).removeprefix("torch.")
+
     def render_prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Token ids of `messages` through the chat template, with the generation prompt appended."""
         return render_prompt_ids(self.tokenizer, messages)

@@ -20,7 +20,7 @@ def doctor(
     setup_logging(verbose)
     from mindgap.doctor import run
 
-    report = run(model, emit=lambda line: typer.echo(line))
+    report = run(model, emit=typer.echo)
     passed = sum(s.verdict == "PASS" for s in report.steps)
     typer.echo(f"{'ok' if report.ok else 'FAILED'}: {passed} of {len(report.steps)} steps passed")
     if json_out is not None:

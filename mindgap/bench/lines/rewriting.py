@@ -25,11 +25,11 @@ from mindgap.bench.context import BenchContext
 from mindgap.bench.procs import run_worker
 from mindgap.bench.report import LineResult
 from mindgap.bench.timings import Row, summarize
+from mindgap.data import SAMPLE
 from shared.config import StageParams
 from shared.dataio import read_problems
 
 TIMEOUT_S = 3600
-SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample.jsonl"
 
 
 @dataclass(frozen=True)
