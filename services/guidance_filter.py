@@ -1,9 +1,9 @@
 """The guidance-dependence filter: whether a correct guided response stands on its own.
 
 A guided response is trained on under the plain prompt, as if the policy had solved the problem. One
-that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Four signals,
+that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Five signals,
 each a pure function here, with thresholds in `StageParams` (defaults measured on the labelled set in
-experiments/guidance_filter/, see docs/pipeline.md):
+experiments/guidance_filter/, see docs/rewrite.md):
 
 - `echo`: the response repeats the guided prompt's own wording (the guidance's framing, e.g. "The
   correct final answer is", and the guided instruction, e.g. "write your own complete solution") for
@@ -15,6 +15,11 @@ experiments/guidance_filter/, see docs/pipeline.md):
   ("15 To solve the problem, 7 + 8 = 15…", "Since the answer is 10, 3 + 7…"). A response that only
   concludes with its answer ("Adding two and three gives 5.") is not caught. Checked for numeric gold
   answers that do not occur in the question.
+- `arithmetic`: it writes an equation whose arithmetic is wrong ("8 - 6 = 4", "36 / 4.5 = 7.5") and still
+  lands on the gold answer: the answer did not come from its own working, so it came from the guidance
+  (measured: a third of the guided responses the other signals kept on problems the model cannot solve,
+  no correct labelled response flagged). Only chains of numbers and + - * x × / ÷ without brackets are
+  checked, each against the precision its result is written with ("10 / 3 = 3.33" holds).
 - `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
   `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both
   scored at temperature 1: that part only makes sense with the guidance in view ("Using the given
@@ -31,18 +36,26 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from shared.config import GuidanceMode, StageParams
 from shared.prompts import guided_messages, hint_prefix, solve_messages
 
-GuidanceReason = Literal["echo", "copy", "answer_first", "likelihood"]
-REASONS: tuple[GuidanceReason, ...] = ("echo", "copy", "answer_first", "likelihood")
+GuidanceReason = Literal["echo", "copy", "answer_first", "arithmetic", "likelihood"]
+REASONS: tuple[GuidanceReason, ...] = ("echo", "copy", "answer_first", "arithmetic", "likelihood")
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 # What counts as work before an answer: an equation or an operator between operands.
 _WORK = re.compile(r"=|[+*/×÷^]|\d\s*[-x]\s*\d|\\(?:times|cdot|div|frac|dfrac|sqrt)\b")
+# The `arithmetic` signal's equations: a bracket-free chain `a op b [op c …] = r` of plain numbers
+# ($, thousands commas and % allowed). A chain that starts mid-number, after a minus sign or a letter
+# ("-3 + 5", "x2 + 1") is not read, nor a result glued to letters.
+_OPERAND = r"\$?\d[\d,]*(?:\.\d+)?%?"
+_OPERATOR = r"[-+*/×÷x]|\\times|\\cdot|\\div"
+_EQUATION = re.compile(rf"(?<![\w.$/-])({_OPERAND}(?:\s*(?:{_OPERATOR})\s*{_OPERAND})+)\s*=\s*({_OPERAND})(?!\w)")
+_TOKEN = re.compile(rf"{_OPERAND}|{_OPERATOR}")
+_MULTIPLY = {"*", "x", "×", "\\times", "\\cdot"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,7 @@ class GuidanceLimits:
     echo_words: int
     copy_words: int
     answer_first: bool
+    arithmetic: bool
     max_logprob_gain: float | None
     gain_window: int
 
@@ -74,6 +88,7 @@ class GuidanceCheck:
     echo_words: int  # longest run of the guided prompt's own wording repeated
     copy_words: int  # longest run of the guidance body copied
     answer_first: bool  # the gold answer stated before any work
+    false_equation: str | None = None  # the first equation with wrong arithmetic
     logprob_gain: float | None = None  # largest windowed mean of log p(guided) - log p(plain); None: not scored
     reason: GuidanceReason | None = None
 
@@ -105,6 +120,7 @@ def limits_of(params: StageParams) -> GuidanceLimits:
         echo_words=params.guidance_echo_words,
         copy_words=params.guidance_copy_words,
         answer_first=params.guidance_answer_first,
+        arithmetic=params.guidance_arithmetic,
         max_logprob_gain=params.guidance_max_logprob_gain,
         gain_window=params.guidance_gain_window,
     )
@@ -171,12 +187,57 @@ def answer_before_work(response: str, question: str, gold: str) -> bool:
     )
 
 
+def _operand(text: str) -> float:
+    value = float(text.replace("$", "").replace(",", "").rstrip("%"))
+    return value / 100 if text.endswith("%") else value
+
+
+def _evaluate(tokens: Sequence[str]) -> float | None:
+    """`a op b op …` with the usual precedence (× and ÷ before + and −); None on a division by zero."""
+    terms: list[float] = [_operand(tokens[0])]
+    signs: list[str] = []
+    for op, text in zip(tokens[1::2], tokens[2::2], strict=True):
+        value = _operand(text)
+        if op in _MULTIPLY:
+            terms[-1] *= value
+        elif op in ("+", "-"):
+            signs.append(op)
+            terms.append(value)
+        elif value == 0:  # ÷, /
+            return None
+        else:
+            terms[-1] /= value
+    total = terms[0]
+    for sign, term in zip(signs, terms[1:], strict=True):
+        total = total + term if sign == "+" else total - term
+    return total
+
+
+def false_equation(response: str) -> str | None:
+    """The first equation of `response` whose arithmetic is wrong, or None (module docstring: `arithmetic`).
+
+    A result counts as right when it matches to the precision it is written with: "10 / 3 = 3.33" and
+    "7 / 2 = 3.5" hold, "1 / 3 = 0.5" does not.
+    """
+    for m in _EQUATION.finditer(response):
+        value = _evaluate(_TOKEN.findall(m.group(1)))
+        result = m.group(2)
+        if value is None:
+            continue
+        decimals = len(result.rstrip("%").partition(".")[2])
+        tolerance = 0.5 * 10.0**-decimals * (0.01 if result.endswith("%") else 1.0)
+        if abs(value - _operand(result)) > tolerance + 1e-9 * abs(value):
+            return m.group(0)
+    return None
+
+
 def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> GuidanceCheck:
     """The text signals of `response` and the first one over its limit."""
     said = words(response)
     echo = longest_shared_span(said, _framing(ctx), [words(ctx.plain_text)])
     copy = longest_shared_span(said, [words(ctx.shown)], [words(ctx.question)]) if ctx.shown != ctx.gold else 0
     first = answer_before_work(response, ctx.question, ctx.gold)
+    wrong = false_equation(response)
     reason: GuidanceReason | None = None
     if limits.echo_words and echo >= limits.echo_words:
         reason = "echo"
@@ -184,7 +245,9 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
         reason = "copy"
     elif limits.answer_first and first:
         reason = "answer_first"
-    return GuidanceCheck(echo_words=echo, copy_words=copy, answer_first=first, reason=reason)
+    elif limits.arithmetic and wrong is not None:
+        reason = "arithmetic"
+    return GuidanceCheck(echo_words=echo, copy_words=copy, answer_first=first, false_equation=wrong, reason=reason)
 
 
 def logprob_gain(plain: Sequence[float], guided: Sequence[float], window: int) -> float:
@@ -205,4 +268,4 @@ def with_likelihood(check: GuidanceCheck, gain: float, limits: GuidanceLimits) -
     """`check` with its log-prob gain, rejected for `likelihood` when the gain is over the limit."""
     over = limits.max_logprob_gain is not None and gain > limits.max_logprob_gain
     reason = check.reason or ("likelihood" if over else None)
-    return GuidanceCheck(check.echo_words, check.copy_words, check.answer_first, gain, reason)
+    return replace(check, logprob_gain=gain, reason=reason)

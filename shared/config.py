@@ -59,8 +59,8 @@ class StageParams(BaseModel):
     )
     guidance_filter: bool = Field(
         True,
-        description="reject correct guided responses that lean on the guidance (docs/pipeline.md, 'the"
-        " guidance-dependence filter'); the four signals below",
+        description="reject correct guided responses that lean on the guidance (docs/rewrite.md, 'the"
+        " guidance-dependence filter'); the five signals below",
     )
     guidance_echo_words: int = Field(
         4,
@@ -77,6 +77,11 @@ class StageParams(BaseModel):
     guidance_answer_first: bool = Field(
         True, description="reject a guided response that states the (numeric) gold answer before any work"
     )
+    guidance_arithmetic: bool = Field(
+        True,
+        description="reject a guided response that writes an equation with wrong arithmetic (e.g. '8 - 6 = 4'):"
+        " its correct answer did not come from its own working",
+    )
     guidance_max_logprob_gain: float | None = Field(
         0.7,
         gt=0.0,
@@ -88,7 +93,7 @@ class StageParams(BaseModel):
     score: bool = Field(
         False,
         description="score every kept response on the training prompt (the records' target_logprobs); costs"
-        " a prefill per example and nothing reads them by default (see docs/pipeline.md)",
+        " a prefill per example and nothing reads them by default (see docs/rewrite.md, 'Scoring')",
     )
 
 

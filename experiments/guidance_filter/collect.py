@@ -106,7 +106,6 @@ async def main(args: argparse.Namespace) -> None:
     try:
         modes: list[GuidanceMode] = args.modes
         chosen = [p for p in problems.values() if not args.only or p.id in args.only]
-        jobs = [_sample(engine, p, m, args.attempts, args.max_tokens, args.self_samples) for p in chosen for m in modes]
         written = 0
         if args.records:
             records = [Example.model_validate_json(line) for line in args.records.read_text().splitlines() if line]
@@ -131,6 +130,9 @@ async def main(args: argparse.Namespace) -> None:
                 if line.strip():
                     f.write(json.dumps(await _handwritten(engine, problems, n, json.loads(line))) + "\n")
                     written += 1
+            jobs = [
+                _sample(engine, p, m, args.attempts, args.max_tokens, args.self_samples) for p in chosen for m in modes
+            ]
             for job in asyncio.as_completed(jobs):
                 for row in await job:
                     f.write(json.dumps(row) + "\n")

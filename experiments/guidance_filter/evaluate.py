@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.guidance_filter import (
+    REASONS,
     GuidanceLimits,
     guidance_context,
     limits_of,
@@ -134,11 +135,12 @@ def main(args: argparse.Namespace) -> None:
             old_leak(r["text"], problems[r["problem_id"]].solution, problems[r["problem_id"]].question) for r in part
         ]
         report("old phrase-list + copy filter", labels, old)
-        for reason in ("echo", "copy", "answer_first", "likelihood"):
+        for reason in REASONS:
             alone = GuidanceLimits(
                 echo_words=limits.echo_words if reason == "echo" else 0,
                 copy_words=limits.copy_words if reason == "copy" else 0,
                 answer_first=reason == "answer_first",
+                arithmetic=reason == "arithmetic",
                 max_logprob_gain=limits.max_logprob_gain if reason == "likelihood" else None,
                 gain_window=limits.gain_window,
             )

@@ -10,6 +10,7 @@ from services.guidance_filter import (
     GuidanceCheck,
     GuidanceLimits,
     answer_before_work,
+    false_equation,
     guidance_context,
     limits_of,
     logprob_gain,
@@ -97,6 +98,48 @@ def test_answer_first_is_not_judged_when_the_answer_is_in_the_question_or_not_a_
     assert answer_before_work("1,000 more. 1,600 - 600 = 1,000", "Rotate 1600 of 600?", "1000") is True
 
 
+@pytest.mark.parametrize(
+    ("response", "wrong"),
+    [
+        # right arithmetic, in the forms responses write it
+        ("16 - 3 - 4 = 9", None),
+        ("3 + 4 = 7 eggs, then 16 - 7 = 9.", None),
+        ("<<16-3-4=9>>9 eggs", None),
+        ("2 + 3 * 4 = 14", None),  # × before +
+        ("12 x 3 = 36, 2×4 = 8, 6 \\times 7 = 42, 9 \\div 3 = 3", None),
+        ("$25 * 6 = $150 and 1,200 + 300 = 1,500", None),
+        ("20 * 30% = 6", None),
+        ("10 / 3 = 3.33", None),  # rounded to the digits written
+        ("1 / 3 = 0.3", None),
+        ("7 / 2 = 3.5", None),
+        ("5 / 0 = 0", None),  # nothing to check against
+        # not equations of plain numbers: never read
+        ("-3 + 5 = 2", None),
+        ("x2 + 1 = 5", None),
+        ("2 * (3 + 4) = 14", None),
+        ("(3 + 4) * 2 = 14", None),
+        ("2^3 = 8", None),
+        ("Step 1: 12 apples = 1 dozen", None),
+        # wrong arithmetic: the first such equation is named
+        ("I find the difference: 8 - 6 = 4. Then 4 - 6 = 2. The final answer is 2.", "8 - 6 = 4"),
+        ("1. 12 x 3 = 36\n2. 36 / 4.5 = 7.5\n3. The answer is 8", "36 / 4.5 = 7.5"),
+        ("1 + 1 + 1 + 1 = 10", "1 + 1 + 1 + 1 = 10"),
+        ("1 / 2 * 2 = 4", "1 / 2 * 2 = 4"),
+        ("1 / 3 = 0.5", "1 / 3 = 0.5"),
+        ("$10 * 3 = $25", "$10 * 3 = $25"),
+    ],
+)
+def test_false_equation(response: str, wrong: str | None) -> None:
+    assert false_equation(response) == wrong
+
+
+def test_wrong_arithmetic_that_lands_on_the_answer_is_rejected() -> None:
+    # The gold answer 9 reached through a wrong step: it came from the guidance, not the working.
+    result = check("She uses 3 + 4 = 8 eggs. So 16 - 8 = 9 eggs are left. \\boxed{9}", "answer")
+    assert result.reason == "arithmetic" and result.false_equation == "3 + 4 = 8"
+    assert check(CLEAN).false_equation is None
+
+
 def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
     assert logprob_gain([-2.0, -4.0], [-1.0, -1.0], 8) == pytest.approx(2.0)  # shorter than a window: all of it
     # a leaning stretch of 2 tokens in 10: diluted over the whole response, plain in a window of 2
@@ -115,9 +158,12 @@ def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
 
 
 def test_limits_switch_signals_off() -> None:
-    off = GuidanceLimits(echo_words=0, copy_words=0, answer_first=False, max_logprob_gain=None, gain_window=8)
+    off = GuidanceLimits(
+        echo_words=0, copy_words=0, answer_first=False, arithmetic=False, max_logprob_gain=None, gain_window=8
+    )
     ctx = guidance_context(QUESTION, SOLUTION, "9", "answer", 0.5)
     assert text_check("The correct final answer is 9. So 16 - 7 = 9.", ctx, off).reason is None
+    assert text_check("She uses 3 + 4 = 8 eggs, so 9 are left. \\boxed{9}", ctx, off).reason is None
     assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
 
 
@@ -127,6 +173,7 @@ def test_meta_is_plain_rounded_data() -> None:
         "echo_words": meta["echo_words"],
         "copy_words": meta["copy_words"],
         "answer_first": False,
+        "false_equation": None,
         "logprob_gain": 0.1235,
         "reason": None,
     }
@@ -146,6 +193,6 @@ async def test_rejections_per_reason_reach_the_job_status(redis_url: str, key_pr
     await store.commit_chunk(job, "0:0", counters)
     status = await store.status(job)
     assert status is not None
-    assert status.guidance_rejected == {"echo": 3, "copy": 0, "answer_first": 0, "likelihood": 1}
+    assert status.guidance_rejected == {"echo": 3, "copy": 0, "answer_first": 0, "arithmetic": 0, "likelihood": 1}
     assert tuple(status.guidance_rejected) == REASONS
     await r.aclose()

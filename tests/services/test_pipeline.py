@@ -132,6 +132,7 @@ LEANING = {
     "echo": "Here is my own complete solution to the problem: 2 + 3 = 5, so \\boxed{5}.",
     "copy": "Two and three make 2 + 3 = 5, so \\boxed{5}.",  # with the solution below
     "answer_first": "5. To check it, 2 + 3 = 5, so \\boxed{5}.",
+    "arithmetic": "Two plus three: 2 + 2 = 5, so \\boxed{5}.",
     "likelihood": "Two plus three gives 2 + 3 = 5, which is \\boxed{5}.",
 }
 LONG_SOLUTION = "Two and three make five because counting on from two by three more steps lands on five.\n#### 5"
