@@ -28,7 +28,7 @@ demo: model
 	$(BIN)/mindgap rewrite examples/sample.jsonl -o out/sample.rewritten.jsonl --limit 8 --k 4 --resolve-attempts 2 --max-tokens 160 --enforce-eager
 
 test: model
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS)
 
 # The smoke test of a fresh (GPU) machine: versions, devices, a tiny rewrite/score/reload/train loop.
 check-gpu: model

@@ -96,8 +96,10 @@ def train_step(
         )
         engine.backward(terms.loss_sum / global_tokens * dist.world, scale_wrt_gas=False)
         if k == accum - 1 and not engine.zero_optimization() and not engine.bfloat16_enabled():
-            # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: measure it before it clips.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(engine.module.parameters(), float("inf")))
+            # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: measure it before it clips
+            # (one read of the gradients; clip_grad_norm_ with an infinite bound would also rescale them by 1).
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads))
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         sums += torch.stack([getattr(terms, name).detach().double().cpu() for name in _SUMS])
         weight_max = torch.maximum(weight_max, terms.is_weight_max.detach().double().cpu())

@@ -47,7 +47,7 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
 
     from shared.config import StageParams
     from shared.grading import extract_gold
-    from shared.prompts import completion_token_ids, guided_messages, render_prompt_ids, solve_messages, turn_end_ids
+    from shared.prompts import guided_messages, render_prompt_ids, solve_messages, turn_end_ids
     from shared.schema import Problem
 
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["kv_cache_gib"])
@@ -77,12 +77,7 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
         for p, gold in gradable
     ]
 
-    # What the pipeline scores when nothing is solved: each problem's expert completion on its plain prompt.
     turn_end = turn_end_ids(tokenizer)
-    scored = [
-        [*ids, *completion_token_ids(tokenizer, p.solution or p.answer or "", turn_end)]
-        for ids, (p, _) in zip(plain, gradable, strict=True)
-    ]
 
     def sampling(n: int) -> SamplingParams:
         # logprobs=0: the service asks for the sampled tokens' log-probs too
@@ -95,19 +90,13 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
             stop_token_ids=turn_end,  # as the service's engine stops
         )
 
-    def one_pass() -> tuple[int, float, float]:
+    def one_pass() -> tuple[int, float]:
         tokens = 0
         t0 = time.monotonic()
         for prompts, n in ((plain, params.k), (guided, params.resolve_attempts)):
             outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling(n), use_tqdm=False)
             tokens += sum(len(o.token_ids) for out in outputs for o in out.outputs)
-        t1 = time.monotonic()
-        llm.generate(
-            [TokensPrompt(prompt_token_ids=ids) for ids in scored],
-            SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
-            use_tqdm=False,
-        )
-        return tokens, t1 - t0, time.monotonic() - t1
+        return tokens, time.monotonic() - t0
 
     one_pass()  # warm-up
     passes = [one_pass() for _ in range(int(spec["repeat"]))]
@@ -116,7 +105,6 @@ def plain_generate(spec: dict[str, Any]) -> dict[str, Any]:
         "create_s": created,
         "tokens": [p[0] for p in passes],
         "seconds": [p[1] for p in passes],
-        "score_seconds": [p[2] for p in passes],
     }
 
 
