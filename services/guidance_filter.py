@@ -17,8 +17,8 @@ experiments/guidance_filter/, see docs/rewrite.md):
   answers that do not occur in the question.
 - `arithmetic`: it writes an equation whose arithmetic is wrong ("8 - 6 = 4", "36 / 4.5 = 7.5") and still
   lands on the gold answer: the answer did not come from its own working, so it came from the guidance
-  (measured: a third of the guided responses the other signals kept on problems the model cannot solve,
-  no correct labelled response flagged). Only chains of numbers and + - * x × / ÷ without brackets are
+  (measured: 4 of the 9 guided responses the other signals kept in a GSM8K spot run, and none of the
+  40 correct labelled responses). Only chains of numbers and + - * x × / ÷ without brackets are
   checked, each against the precision its result is written with ("10 / 3 = 3.33" holds).
 - `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
   `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both
