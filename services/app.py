@@ -8,6 +8,7 @@ chunks and drains, then everything is closed in reverse order.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -137,10 +138,19 @@ def create_app(cfg: ServiceConfig, engine_factory: EngineFactory = default_engin
         app.state.mindgap = ServiceState(cfg, r, store, engine, grader, gate, metrics, watcher, worker)
         worker_task = asyncio.create_task(worker.run(), name="mindgap-worker")
         watcher_task = asyncio.create_task(watcher.run(), name="mindgap-policy")
+        if cfg.gc_freeze:
+            # A full collection walks every tracked object while holding the GIL, whichever thread
+            # triggers it: with torch, vLLM and the model loaded that stalls the event loop (and /healthz)
+            # for tenths of a second whenever parsing a big upload allocates enough. Start-up objects
+            # live as long as the process, so they leave the collector's view.
+            gc.collect()
+            gc.freeze()
         log.info("service ready: consumer %s, policy v%d", consumer, watcher.version)
         try:
             yield
         finally:
+            if cfg.gc_freeze:
+                gc.unfreeze()  # an app started in a longer-lived process (tests, embedding) leaves it as it was
             await worker.stop()
             await worker_task
             watcher.stop()

@@ -76,6 +76,12 @@ class ServiceConfig(MindgapSettings):
     claim_idle_ms: int = Field(30_000, ge=100, description="reclaim chunks idle this long (dead replica)")
     job_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="finished jobs are removed after this")
     policy_poll_s: float = Field(5.0, gt=0, description="policy polling interval besides pub/sub events")
+    gc_freeze: bool = Field(
+        True,
+        description="after start-up, move every object alive to the garbage collector's permanent generation:"
+        " full collections then skip the engine's and libraries' millions of objects instead of holding the"
+        " event loop for tenths of a second (a big upload triggers them)",
+    )
     grader_workers: int = Field(1, ge=1)
     grade_timeout: float = Field(5.0, gt=0)
     stages: StageParams = Field(default_factory=StageParams, description="default stage parameters of jobs")

@@ -162,7 +162,9 @@ async def test_a_big_upload_is_parsed_off_the_event_loop(service_config: ConfigF
     data = jsonl(rows)
     gaps: list[float] = []
     # big chunks: storing the job is one Redis pipeline, whose commands are packed on the event loop
-    cfg = service_config(max_upload_bytes=len(data) + 10_000, chunk_size=1000)
+    # gc_freeze as in production: the test process's heap (every earlier test's imports and leftovers)
+    # would otherwise make each full collection a stall of up to half a second
+    cfg = service_config(max_upload_bytes=len(data) + 10_000, chunk_size=1000, gc_freeze=True)
     async with running_service(cfg) as (client, _):
         started = time.monotonic()
         upload = asyncio.create_task(

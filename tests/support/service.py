@@ -52,6 +52,8 @@ def service_config(redis_url: str, key_prefix: str) -> Callable[..., ServiceConf
             "claim_idle_ms": 1000,
             "policy_poll_s": 0.2,
             "chunk_size": 2,
+            # a full collection of the test process's heap at every app start would add minutes to the suite
+            "gc_freeze": False,
         }
         return ServiceConfig(**(base | overrides))
 
