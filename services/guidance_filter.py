@@ -53,7 +53,12 @@ _WORK = re.compile(r"=|[+*/×÷^]|\d\s*[-x]\s*\d|\\(?:times|cdot|div|frac|dfrac|
 # ("-3 + 5", "x2 + 1") is not read, nor a result glued to letters.
 _OPERAND = r"\$?\d[\d,]*(?:\.\d+)?%?"
 _OPERATOR = r"[-+*/×÷x]|\\times|\\cdot|\\div"
-_EQUATION = re.compile(rf"(?<![\w.$/-])({_OPERAND}(?:\s*(?:{_OPERATOR})\s*{_OPERAND})+)\s*=\s*({_OPERAND})(?!\w)")
+# At most MAX_OPERATORS per chain: each start position then scans a bounded stretch, so a response of
+# thousands of "1 + 1 + …" costs linear time, not quadratic (a longer chain is read from its last terms).
+MAX_OPERATORS = 20
+_EQUATION = re.compile(
+    rf"(?<![\w.$/-])({_OPERAND}(?:\s*(?:{_OPERATOR})\s*{_OPERAND}){{1,{MAX_OPERATORS}}})\s*=\s*({_OPERAND})(?!\w)"
+)
 _TOKEN = re.compile(rf"{_OPERAND}|{_OPERATOR}")
 _MULTIPLY = {"*", "x", "×", "\\times", "\\cdot"}
 

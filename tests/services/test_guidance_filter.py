@@ -6,6 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.guidance_filter import (
+    MAX_OPERATORS,
     REASONS,
     GuidanceCheck,
     GuidanceLimits,
@@ -131,6 +132,15 @@ def test_answer_first_is_not_judged_when_the_answer_is_in_the_question_or_not_a_
 )
 def test_false_equation(response: str, wrong: str | None) -> None:
     assert false_equation(response) == wrong
+
+
+def test_a_chain_is_read_over_at_most_max_operators() -> None:
+    # Unbounded, every start position of a long chain scans to its end: 4,000 terms (max_tokens 8192)
+    # took 1.7 s. Bounded, a longer chain is read from its last MAX_OPERATORS + 1 terms.
+    chain = " + ".join(["1"] * 4000)
+    assert false_equation(chain) is None
+    assert false_equation(chain + " = 7") == " + ".join(["1"] * (MAX_OPERATORS + 1)) + " = 7"
+    assert false_equation(" + ".join(["1"] * (MAX_OPERATORS + 1)) + " = 21") is None
 
 
 def test_wrong_arithmetic_that_lands_on_the_answer_is_rejected() -> None:
