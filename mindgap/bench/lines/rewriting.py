@@ -5,7 +5,7 @@ the unsolved) against the naive schedule as issue 8 defines it (`k` self samples
 `resolve_attempts` guided samples for every problem, all in one batch, kept by the same rules and scored
 only when the pipeline scores), interleaved repetition by repetition, on two workloads: GSM8K problems, which
 the small default model hardly ever solves by itself, and the bundled arithmetic sample
-(examples/sample.jsonl), about half of which it does, so early stopping has something to save. Figures
+(`mindgap.data.SAMPLE`), about half of which it does, so early stopping has something to save. Figures
 per workload: generated tokens per final example, and wall time per batch.
 
 reload: `VLLMEngine.reload` of a checkpoint copy (another folder, as a trainer's would be) with the files
