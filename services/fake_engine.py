@@ -59,7 +59,7 @@ def arithmetic_script(prompt: str, index: int) -> str:
     correct = guided or kind == 2 or (kind == 1 and index % 2 == 1)
     shown = result if correct else result + 1
     if guided:
-        return f"Combining {a} and {b} with {op} gives {shown}. So the answer is \\boxed{{{shown}}}."
+        return f"Combining {a} and {b}: {a} {op} {b} gives {shown}. So the answer is \\boxed{{{shown}}}."
     return f"We compute {a} {op} {b} = {shown}. The answer is \\boxed{{{shown}}}."
 
 

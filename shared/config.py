@@ -60,7 +60,7 @@ class StageParams(BaseModel):
     guidance_filter: bool = Field(
         True,
         description="reject correct guided responses that lean on the guidance (docs/rewrite.md, 'the"
-        " guidance-dependence filter'); the five signals below",
+        " guidance-dependence filter'); the six signals below",
     )
     guidance_echo_words: int = Field(
         4,
@@ -81,6 +81,11 @@ class StageParams(BaseModel):
         True,
         description="reject a guided response that writes an equation with wrong arithmetic (e.g. '8 - 6 = 4'):"
         " its correct answer did not come from its own working",
+    )
+    guidance_unworked: bool = Field(
+        True,
+        description="reject a guided response whose (numeric) gold answer is the result of none of its own"
+        " expressions ('5 + 6 = 11', '8 x 2 gives 16'): it was stated, not worked out",
     )
     guidance_max_logprob_gain: float | None = Field(
         0.7,

@@ -141,6 +141,7 @@ def main(args: argparse.Namespace) -> None:
                 copy_words=limits.copy_words if reason == "copy" else 0,
                 answer_first=reason == "answer_first",
                 arithmetic=reason == "arithmetic",
+                unworked=reason == "unworked",
                 max_logprob_gain=limits.max_logprob_gain if reason == "likelihood" else None,
                 gain_window=limits.gain_window,
             )

@@ -17,6 +17,7 @@ from services.guidance_filter import (
     logprob_gain,
     text_check,
     with_likelihood,
+    worked_out,
 )
 from services.job_store import JobStore, outcome_counters
 from services.pipeline import ProblemOutcome
@@ -143,11 +144,58 @@ def test_a_chain_is_read_over_at_most_max_operators() -> None:
     assert false_equation(" + ".join(["1"] * (MAX_OPERATORS + 1)) + " = 21") is None
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("text", ["1" * 30_000, "1," * 15_000, "1,000," * 5_000, "$1" * 10_000, "= " * 15_000])
+def test_the_text_signals_read_number_runs_in_linear_time(text: str) -> None:
+    # An operand of `\d[\d,]*` started again at every comma of "1,1,1,…": 36 s for 30,000 characters
+    # (a degenerate sample can be that long), on the service's event loop. Now milliseconds.
+    assert false_equation(text) is None
+    assert worked_out(text, QUESTION, "9") is False
+    assert answer_before_work(text, QUESTION, "9") is False
+
+
 def test_wrong_arithmetic_that_lands_on_the_answer_is_rejected() -> None:
     # The gold answer 9 reached through a wrong step: it came from the guidance, not the working.
     result = check("She uses 3 + 4 = 8 eggs. So 16 - 8 = 9 eggs are left. \\boxed{9}", "answer")
     assert result.reason == "arithmetic" and result.false_equation == "3 + 4 = 8"
     assert check(CLEAN).false_equation is None
+
+
+@pytest.mark.parametrize(
+    ("response", "worked"),
+    [
+        # the answer is the result of an expression, in the forms responses write it
+        (CLEAN, True),
+        ("16 - 3 - 4 = 9", True),
+        ("She has 16 - 7 = 9.", True),  # a sentence's full stop after the result
+        ("(3 + 4) is 7, and 16 - 7 equals 9 eggs", True),
+        ("16 - 7 gives 9, 16 - 7 makes 9", True),
+        ("So 16 - 3 - 4 = \\boxed{9}.", True),
+        ("<<16-3-4=9>>9 eggs", True),
+        ("16 - 7 = 9.0 eggs", True),
+        ("3^2 = 9, \\sqrt{81} = 9, x = 9", True),  # whatever the left side, a result of its own
+        # stated, not worked out
+        ("The answer is 9.", False),
+        ("She has 9 eggs left. \\boxed{9}", False),
+        ("She uses 3 + 4 = 7 eggs, so \\boxed{9} are left.", False),  # working, but not to the answer
+        ("16 - 7 = 90 eggs", False),  # 90 is not 9
+        ("16 - 7 = 9.5 eggs", False),
+        ("Using both kinds of eggs she ends up with \\boxed{9}.", False),  # prose: the signal's price
+    ],
+)
+def test_worked_out(response: str, worked: bool) -> None:
+    assert worked_out(response, QUESTION, "9") is worked
+
+
+def test_worked_out_is_not_judged_when_the_answer_is_in_the_question_or_not_a_number() -> None:
+    assert worked_out("The answer is 4.", "She has 4 eggs and 0 more. How many?", "4") is True
+    assert worked_out("The answer is x = 2.", "Solve x + 2 = 4.", "x = 2") is True
+
+
+def test_an_answer_that_is_not_worked_out_is_rejected() -> None:
+    result = check("Janet has \\boxed{9} eggs left.", "answer")
+    assert result.reason == "unworked" and result.unworked is True and result.answer_first is False
+    assert check(CLEAN).unworked is False
 
 
 def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
@@ -169,11 +217,18 @@ def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
 
 def test_limits_switch_signals_off() -> None:
     off = GuidanceLimits(
-        echo_words=0, copy_words=0, answer_first=False, arithmetic=False, max_logprob_gain=None, gain_window=8
+        echo_words=0,
+        copy_words=0,
+        answer_first=False,
+        arithmetic=False,
+        unworked=False,
+        max_logprob_gain=None,
+        gain_window=8,
     )
     ctx = guidance_context(QUESTION, SOLUTION, "9", "answer", 0.5)
     assert text_check("The correct final answer is 9. So 16 - 7 = 9.", ctx, off).reason is None
     assert text_check("She uses 3 + 4 = 8 eggs, so 9 are left. \\boxed{9}", ctx, off).reason is None
+    assert text_check("She has \\boxed{9} eggs left.", ctx, off).reason is None
     assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
 
 
@@ -184,6 +239,7 @@ def test_meta_is_plain_rounded_data() -> None:
         "copy_words": meta["copy_words"],
         "answer_first": False,
         "false_equation": None,
+        "unworked": False,
         "logprob_gain": 0.1235,
         "reason": None,
     }
@@ -203,6 +259,13 @@ async def test_rejections_per_reason_reach_the_job_status(redis_url: str, key_pr
     await store.commit_chunk(job, "0:0", counters)
     status = await store.status(job)
     assert status is not None
-    assert status.guidance_rejected == {"echo": 3, "copy": 0, "answer_first": 0, "arithmetic": 0, "likelihood": 1}
+    assert status.guidance_rejected == {
+        "echo": 3,
+        "copy": 0,
+        "answer_first": 0,
+        "arithmetic": 0,
+        "unworked": 0,
+        "likelihood": 1,
+    }
     assert tuple(status.guidance_rejected) == REASONS
     await r.aclose()

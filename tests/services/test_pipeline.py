@@ -89,7 +89,7 @@ async def test_early_stop_skips_later_rounds_for_solved_problems(grader: Grader)
 
 async def test_solved_in_stage_two_with_guidance_kept_out_of_the_prompt(grader: Grader) -> None:
     engine = FakeEngine(
-        scripted({"Reference solution": ["Adding two and three gives \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
+        scripted({"Reference solution": ["Adding two and three gives 2 + 3 = \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
     )
     (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=2)
     assert out.stage is Stage.GUIDED and out.self_correct == 0 and out.guided_correct == 1 and out.aborted == 1
@@ -103,7 +103,7 @@ async def test_solved_in_stage_two_with_guidance_kept_out_of_the_prompt(grader: 
 
 
 async def test_guided_answer_mode_and_missing_solution_fall_back_to_answer(grader: Grader) -> None:
-    engine = FakeEngine(scripted({"correct final answer is": ["I get \\boxed{5}."], QUESTION: ["\\boxed{6}"]}))
+    engine = FakeEngine(scripted({"correct final answer is": ["I get 2 + 3 = \\boxed{5}."], QUESTION: ["\\boxed{6}"]}))
     (out,) = await run(engine, grader, [problem(solution=None)], guidance="solution")
     assert out.stage is Stage.GUIDED and out.guidance == "answer"
 
@@ -125,14 +125,15 @@ class LeaningEngine(FakeEngine):
 
 # Longer than every leaning response: the fake finishes (and the pipeline grades) shorter samples first.
 CLEAN = (
-    "Two plus three: start at 2 and count up by 3 more steps, one at a time, which gives 3, then 4, then 5."
-    " So the sum is \\boxed{5}."
+    "Two plus three: start at 2 and count up by 3 more steps, one at a time, which gives 3, then 4, then 5,"
+    " so 2 + 3 = 5. The sum is \\boxed{5}."
 )
 LEANING = {
     "echo": "Here is my own complete solution to the problem: 2 + 3 = 5, so \\boxed{5}.",
     "copy": "Two and three make 2 + 3 = 5, so \\boxed{5}.",  # with the solution below
     "answer_first": "5. To check it, 2 + 3 = 5, so \\boxed{5}.",
     "arithmetic": "Two plus three: 2 + 2 = 5, so \\boxed{5}.",
+    "unworked": "Two plus three? The sum is \\boxed{5}.",
     "likelihood": "Two plus three gives 2 + 3 = 5, which is \\boxed{5}.",
 }
 LONG_SOLUTION = "Two and three make five because counting on from two by three more steps lands on five.\n#### 5"
@@ -183,10 +184,13 @@ async def test_guidance_filter_scores_only_what_the_text_passes(grader: Grader) 
 
 
 async def test_a_response_that_only_concludes_with_the_answer_is_not_answer_first(grader: Grader) -> None:
-    engine = FakeEngine(
-        scripted({"Reference solution": ["Adding two and three gives \\boxed{5}."], QUESTION: ["\\boxed{6}"]})
-    )
+    # Not answer_first; with nothing worked out to the answer it is `unworked`, kept once that is off.
+    response = "Adding two and three gives \\boxed{5}."
+    engine = FakeEngine(scripted({"Reference solution": [response], QUESTION: ["\\boxed{6}"]}))
     (out,) = await run(engine, grader, [problem()], resolve_attempts=1)
+    assert out.stage is Stage.EXPERT and out.guidance_rejected["unworked"] == 1
+    engine = FakeEngine(scripted({"Reference solution": [response], QUESTION: ["\\boxed{6}"]}))
+    (out,) = await run(engine, grader, [problem()], resolve_attempts=1, guidance_unworked=False)
     assert out.stage is Stage.GUIDED and out.examples[0].meta["guidance_check"]["answer_first"] is False
 
 
@@ -375,7 +379,7 @@ async def test_no_barrier_between_problems(grader: Grader) -> None:
     engine = GatedEngine(
         scripted(
             {
-                "Reference solution": ["Adding two and three gives \\boxed{5}."],
+                "Reference solution": ["Adding two and three gives 2 + 3 = \\boxed{5}."],
                 SLOW: ["\\boxed{2}"],
                 QUESTION: ["\\boxed{6}"],
             }
@@ -420,7 +424,10 @@ async def test_first_keeper_aborts_the_rest_of_its_round(grader: Grader) -> None
 
 async def test_guided_round_stops_at_its_first_keeper(grader: Grader) -> None:
     wrong = "\\boxed{6}"
-    guided = ["Adding two and three gives \\boxed{5}.", "Two and three, added one by one, give \\boxed{5} in the end."]
+    guided = [
+        "Adding two and three gives 2 + 3 = \\boxed{5}.",
+        "Two and three, added one by one, give 2 + 3 = \\boxed{5} in the end.",
+    ]
     engine = FakeEngine(scripted({"Reference solution": guided, QUESTION: [wrong]}))
     (out,) = await run(engine, grader, [problem()], k=2, resolve_attempts=4, rounds=2)
     assert out.stage is Stage.GUIDED and out.self_attempts == 2 and out.aborted == 1
