@@ -23,8 +23,8 @@ Prefix sharing: the samples of one prompt in a round are sent together, as `n` o
 share the prompt's KV blocks through prefix caching (on by default: `EngineConfig.enable_prefix_caching`),
 and a later round of the same prompt reuses the blocks while they are cached. Only full blocks are
 shared (16 tokens on a GPU, 128 on CPU, where a plain prompt shorter than a block is computed per
-sample, which costs little next to decoding). Scoring requests
-always recompute their prompt: vLLM skips the prefix cache for a request that asks for prompt log-probs.
+sample, which costs little next to decoding). Scoring requests always recompute their prompt: vLLM
+skips the prefix cache for a request that asks for prompt log-probs.
 
 Decisions the design notes leave open, made here:
 - A response that did not finish (cut at `max_tokens`, or aborted) is never kept: its final answer may
