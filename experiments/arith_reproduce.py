@@ -257,6 +257,39 @@ def probe_shift(probe: list[dict[str, Any]], base: list[list[float]], model: lis
     return out
 
 
+def answer_shapes(out: Path, labels: list[str]) -> dict[str, dict[str, float]]:
+    """What each model's in-domain answers look like, from its samples.
+
+    `worked_out`: the share of samples that work the gold answer out somewhere (an equation or expression
+    giving it; `services.guidance_filter.worked_out`), whatever the grader then extracts as the final
+    answer: how much of the arithmetic a model learned, apart from whether it stops after it (`correct`:
+    the graded share, the seed's avg@n). `terse`: the share in the references' own format (a `####`
+    line); `truncated`: cut at max tokens.
+    """
+    from services.guidance_filter import worked_out
+
+    path = out / "data" / "arith_heldout.jsonl"
+    if not path.is_file():
+        return {}
+    questions = {p.id: p.question for p in evaluate.load_eval_set("arith_heldout", path, ARITH_FIELDS).problems}
+    shapes: dict[str, dict[str, float]] = {}
+    for label in labels:
+        samples = out / "eval" / "samples" / f"{label}.jsonl"
+        rows = [json.loads(line) for line in samples.read_text().splitlines()] if samples.is_file() else []
+        rows = [r for r in rows if r["benchmark"] == "arith_heldout"]
+        if rows:
+            shapes[label] = {
+                "correct": statistics.fmean(r["correct"][METHOD] for r in rows),  # avg@n: n samples per problem
+                "worked_out": statistics.fmean(
+                    worked_out(r["response"], questions[r["problem_id"]], str(r["gold"])) for r in rows
+                ),
+                "terse": statistics.fmean("####" in r["response"] for r in rows),
+                "truncated": statistics.fmean(r["finish_reason"] == "length" for r in rows),
+                "mean_tokens": statistics.fmean(r["tokens"] for r in rows),
+            }
+    return shapes
+
+
 def training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's training curve in numbers: final loss/NLL, grad-norm mean and variance, IS weights."""
     if not rows:
@@ -483,6 +516,24 @@ def results_markdown(
         cells = [_ci(by_set[name]["avg"]) if name in by_set else "–" for name in set_names]
         per_seed = ", ".join(f"{100 * x:.1f}" for x in by_set.get(set_names[0], {}).get("per_seed", []))
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_seed} |")
+    shapes = extra.get("answer_shapes", {})
+    if shapes:
+        lines += [
+            "",
+            "### What the in-domain answers look like",
+            "",
+            "Share of samples that work the gold answer out somewhere (an equation or expression giving it), "
+            "whatever the grader then takes as the final answer; in the references' terse format (a `####` "
+            "line); cut at max tokens; mean tokens.",
+            "",
+            "| model | avg@n % | works the answer out % | terse % | truncated % | mean tokens |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, sh in shapes.items():
+            lines.append(
+                f"| {label} | {100 * sh['correct']:.1f} | {100 * sh['worked_out']:.1f} | {100 * sh['terse']:.1f} "
+                f"| {100 * sh['truncated']:.1f} | {sh['mean_tokens']:.0f} |"
+            )
     lines += [
         "",
         "### Paired differences (percentage points, 95 % paired bootstrap CI)",
@@ -615,6 +666,7 @@ def write_report(args: argparse.Namespace, rec: Recorder) -> None:
         "machine": machine(),
         "command": " ".join([".venv/bin/python", "experiments/arith_reproduce.py", *sys.argv[1:]]),
         "timings": timings_log(args.out, rec),
+        "answer_shapes": answer_shapes(args.out, ["base", *(r["name"] for r in runs)]),
     }
     md = results_markdown(args, base, runs, summary, extra)
     atomic_write_text(args.out / "results.md", md)

@@ -248,6 +248,29 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_answer_shapes_tell_worked_out_from_graded(repro: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "eval" / "samples").mkdir(parents=True)
+    problem = {"id": "s1-0", "question": "Ava has 4 cars. Then Ava gets 2 more cars. How many?", "answer": "6"}
+    (tmp_path / "data" / "arith_heldout.jsonl").write_text(json.dumps(problem | {"solution": "4+2=6.\n#### 6"}))
+    samples = [  # the eval numbers problems from 1; a sample that works 6 out but ends on 8 is graded wrong
+        ("4+2=6.\n#### 6", True, "stop", 6),
+        ("4 + 2 = 6 cars. Then 6 + 2 = 8. The answer is 8.", False, "stop", 20),
+        ("Ava has many cars and", False, "length", 40),
+        ("The answer is 6.", True, "stop", 5),
+    ]
+    rows = [
+        {"benchmark": "arith_heldout", "problem_id": "1", "gold": "6", "response": text, "finish_reason": finish,
+         "tokens": tokens, "correct": {"qwen": ok, "math_verify": ok}}
+        for text, ok, finish, tokens in samples
+    ]  # fmt: skip
+    rows.append(rows[0] | {"benchmark": "retention"})  # other sets are left out
+    (tmp_path / "eval" / "samples" / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shapes = repro.answer_shapes(tmp_path, ["m", "missing"])
+    assert shapes == {"m": {"correct": 0.5, "worked_out": 0.5, "terse": 0.25, "truncated": 0.25, "mean_tokens": 17.75}}
+    assert repro.answer_shapes(tmp_path / "nothing", ["m"]) == {}
+
+
 def test_scores_from_samples_keep_problem_order_per_set(repro: ModuleType, tmp_path: Path) -> None:
     rows = [
         {"benchmark": "a", "problem_id": "p2", "correct": {"qwen": True, "math_verify": False}},
