@@ -653,6 +653,18 @@ def timings_log(out: Path, rec: Recorder) -> dict[str, float]:
     return done
 
 
+def run_command(args: argparse.Namespace) -> str:
+    """The command that made the run: this invocation's, with the vLLM CPU variables it ran under, or under
+    `--report` (which only rebuilds the page) the one recorded before."""
+    recorded = args.out / "results.json"
+    if args.report and recorded.is_file():
+        return str(json.loads(recorded.read_text())["command"])
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]
+    return " ".join(
+        [*(["env", *env] if env else []), ".venv/bin/python", "experiments/arith_reproduce.py", *sys.argv[1:]]
+    )
+
+
 def write_report(args: argparse.Namespace, rec: Recorder) -> None:
     """results.{md,json}, accuracy.png and training.png from whatever arms have finished."""
     base, runs = load_arms(args.out)
@@ -664,7 +676,7 @@ def write_report(args: argparse.Namespace, rec: Recorder) -> None:
     extra = {
         "rewrite_summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
         "machine": machine(),
-        "command": " ".join([".venv/bin/python", "experiments/arith_reproduce.py", *sys.argv[1:]]),
+        "command": run_command(args),
         "timings": timings_log(args.out, rec),
         "answer_shapes": answer_shapes(args.out, ["base", *(r["name"] for r in runs)]),
     }

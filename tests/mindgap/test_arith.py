@@ -244,6 +244,10 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     assert "Command: `" in md and "Machine: " in md and "mean NLL" in md
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["runs"] == ["dft-raw-s0", "dft-rewritten-s0", "is-rewritten-s0"]
+    # rebuilding the page keeps the command that made the run, not the rebuild's
+    (tmp_path / "results.json").write_text(json.dumps(results | {"command": "the run's command"}))
+    repro.write_report(args, repro.Recorder(tmp_path))
+    assert "Command: `the run's command`" in (tmp_path / "results.md").read_text()
     for png in ("accuracy.png", "training.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
