@@ -5,8 +5,8 @@ random model: the line measures what the service adds (HTTP, Redis task chunks, 
 publishing; scoring is off, as for online jobs by default), which a small model makes visible instead of
 hiding it behind model compute. Every response runs to `max_tokens` and nothing is solved, so each
 problem takes `k` self samples and `resolve_attempts` guided samples, one round each; the baseline
-sends exactly those requests to `vllm.LLM.generate` in two batched calls. The figure is generated tokens per second of wall time.
-Peak RSS of both process trees feeds the memory line.
+sends exactly those requests to `vllm.LLM.generate` in two batched calls. The figure is generated
+tokens per second of wall time. Peak RSS of both process trees feeds the memory line.
 """
 
 from __future__ import annotations
