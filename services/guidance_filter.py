@@ -70,10 +70,10 @@ _START = r"(?<![\w.,$/-])"  # not mid-number, nor after a minus sign or a letter
 _EQUATION = re.compile(rf"{_START}({_EXPRESSION})\s*=\s*({_OPERAND})(?!\w)")
 _TOKEN = re.compile(rf"{_OPERAND}|{_OPERATOR}")
 # The `unworked` signal's derivations: `=`, or an expression (a closing bracket may end it) and a verb of
-# result, then the result, possibly boxed: "= 9", "= \\boxed{9}", "(3 + 4) is 7", "8 x 2 gives 16".
+# result, then the result, possibly boxed or negative: "= 9", "= \\boxed{9}", "(3 + 4) is 7", "2 - 5 = -3".
 _DERIVATION = re.compile(
     rf"(?:{_START}{_EXPRESSION}\)?\s*(?:equals|is equal to|is|gives|makes)|=)"
-    rf"\s*(?:\\boxed\{{)?\s*({_OPERAND})(?!\d|\.\d)"
+    rf"\s*(?:\\boxed\{{)?\s*(-?{_OPERAND})(?!\d|\.\d)"  # a negative result keeps its sign
 )
 _MULTIPLY = {"*", "x", "×", "\\times", "\\cdot"}
 

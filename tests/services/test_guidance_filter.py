@@ -187,6 +187,12 @@ def test_worked_out(response: str, worked: bool) -> None:
     assert worked_out(response, QUESTION, "9") is worked
 
 
+def test_a_negative_answer_is_worked_out_with_its_sign() -> None:
+    question = "The temperature is 2 degrees and falls by 5. What is it now?"
+    assert worked_out("2 - 5 = -3, so it is \\boxed{-3} degrees.", question, "-3") is True
+    assert worked_out("2 - 5 = 3, so it is \\boxed{-3} degrees.", question, "-3") is False
+
+
 def test_worked_out_is_not_judged_when_the_answer_is_in_the_question_or_not_a_number() -> None:
     assert worked_out("The answer is 4.", "She has 4 eggs and 0 more. How many?", "4") is True
     assert worked_out("The answer is x = 2.", "Solve x + 2 = 4.", "x = 2") is True
