@@ -25,6 +25,11 @@ class TrainerConfig(MindgapSettings):
     # data
     source: str = Field("redis", description="'redis' (consumer group on the examples stream) or a JSONL/parquet path")
     epochs: int = Field(1, ge=1, description="passes over a file source (ignored for redis)")
+    shuffle: bool = Field(
+        True,
+        description="file source: each epoch in a fresh order drawn from seed and epoch (records held in"
+        " memory); false streams the file in file order",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the examples stream")
     key_prefix: str = Field("mindgap", min_length=1, description="prefix of every Redis key")
     consumer: str = Field("trainer-0", min_length=1, description="consumer name in the 'trainer' group")

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -163,20 +164,67 @@ class Source(Protocol):
         ...
 
 
-class FileSource:
-    """Records from a JSONL/parquet file, `epochs` times; bad lines are logged with their number and skipped."""
+def read_order(shuffle_seed: int | None) -> str:
+    """How a file source orders its rows, as saved in its position: 'file', or 'shuffled:<seed>'."""
+    return "file" if shuffle_seed is None else f"shuffled:{shuffle_seed}"
 
-    def __init__(self, path: Path, prepare: Prepare, epochs: int = 1, start: dict[str, Any] | None = None) -> None:
+
+def check_resume_order(position: dict[str, Any], shuffle_seed: int | None) -> None:
+    """ValueError unless a file source saved at `position` resumes in the order this run reads.
+
+    The saved count of consumed rows indexes that epoch's order, so another order would skip rows never
+    trained and repeat others. Positions saved before the trainer shuffled carry no order: file order.
+    """
+    if not position:
+        return  # a fresh start
+    saved, wanted = position.get("order", "file"), read_order(shuffle_seed)
+    if saved != wanted:
+        raise ValueError(
+            f"the checkpoint read its file source in {saved} order and this run reads it in {wanted} order: "
+            "resume with the same --seed and --shuffle/--no-shuffle, or start again with --no-resume"
+        )
+
+
+class FileSource:
+    """Records from a JSONL/parquet file, `epochs` times; bad lines are logged with their number and skipped.
+
+    With `shuffle_seed`, epoch e reads the rows in a permutation drawn from (seed, e) alone, so the saved
+    position (epoch, rows consumed in it) names the same next row when a run resumes; the file's records
+    are then held in memory. Without it the file is streamed in file order every epoch.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        prepare: Prepare,
+        epochs: int = 1,
+        start: dict[str, Any] | None = None,
+        shuffle_seed: int | None = None,
+    ) -> None:
         self.path = path
         self.prepare = prepare
         self.epochs = epochs
+        self.shuffle_seed = shuffle_seed
+        check_resume_order(start or {}, shuffle_seed)  # also checked before the model loads (trainer.train)
         self.epoch = int((start or {}).get("epoch", 0))
         self.consumed = int((start or {}).get("consumed", 0))  # rows consumed in the current epoch
+        self._records: list[tuple[int, Example | Exception]] | None = None  # the file, once read (shuffled)
         self._rows = self._iter()
+
+    def _epoch_rows(self) -> Iterable[tuple[int, Example | Exception]]:
+        if self.shuffle_seed is None:
+            return read_examples(self.path)
+        if self._records is None:
+            self._records = list(read_examples(self.path))
+        order = list(range(len(self._records)))
+        # A string seed: stable across Python versions and processes (unlike hash()), and no two
+        # (seed, epoch) pairs share a stream the way seed + epoch would.
+        random.Random(f"{self.shuffle_seed}:{self.epoch}").shuffle(order)
+        return (self._records[k] for k in order)
 
     def _iter(self) -> Iterator[TrainItem]:
         while self.epoch < self.epochs:
-            for i, (line, rec) in enumerate(read_examples(self.path)):
+            for i, (line, rec) in enumerate(self._epoch_rows()):
                 if i < self.consumed:
                     continue  # read in an earlier run before the checkpoint we resumed from
                 self.consumed = i + 1
@@ -204,8 +252,8 @@ class FileSource:
         """Files need no acknowledgement."""
 
     def position(self) -> dict[str, Any]:
-        """Epoch and rows consumed in it."""
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        """Epoch, rows consumed in it, and the order they were read in."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "order": read_order(self.shuffle_seed)}
 
     def close(self) -> None:
         """Nothing to release."""

@@ -27,7 +27,7 @@ from shared.keys import Keys
 from shared.model_source import resolve_model
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
-from trainer.data import FileSource, RedisSource, Source, TrainItem, collate, prepare_item
+from trainer.data import FileSource, RedisSource, Source, TrainItem, check_resume_order, collate, prepare_item
 from trainer.losses import (
     GAP_FIELDS,
     STAGES,
@@ -232,6 +232,8 @@ def run(cfg: TrainerConfig) -> None:
         resumed = ckpt.read_state(root, version)
         # Before the model loads: every rank reads the same file, so all of them stop here together.
         ckpt.check_layout(root, version, resumed, dist.world, zero_stage)
+        if cfg.source != "redis":
+            check_resume_order(resumed.get("source") or {}, _shuffle_seed(cfg))
     engine = build_engine(cfg, path, dist)
     if versions:
         engine.load_checkpoint(str(ckpt.state_root(root)), tag=f"v{version}")
@@ -338,4 +340,8 @@ def _open_source(cfg: TrainerConfig, tokenizer: Any, keys: Keys, resumed: dict[s
             already_trained=resumed.get("entry_ids", []),
             should_stop=lambda: stop.requested,
         )
-    return FileSource(Path(cfg.source), prepare, cfg.epochs, start=resumed.get("source"))
+    return FileSource(Path(cfg.source), prepare, cfg.epochs, resumed.get("source"), _shuffle_seed(cfg))
+
+
+def _shuffle_seed(cfg: TrainerConfig) -> int | None:
+    return cfg.seed if cfg.shuffle else None

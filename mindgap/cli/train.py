@@ -83,8 +83,11 @@ def train(
     grad_checkpointing: bool | None = typer.Option(
         None, "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in backward"
     ),
-    seed: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="torch seed and the file source's shuffle"),
     epochs: int | None = typer.Option(None, help="passes over a file source"),
+    shuffle: bool | None = typer.Option(
+        None, "--shuffle/--no-shuffle", help="file source: a fresh order each epoch from --seed (default on)"
+    ),
     redis_url: str | None = typer.Option(None, help="Redis URL"),
     key_prefix: str | None = typer.Option(None, help="prefix of every Redis key (default mindgap)"),
     consumer: str | None = typer.Option(None, help="consumer name in group 'trainer' (reuse it to resume)"),

@@ -16,7 +16,7 @@ from shared.prompts import render_prompt_ids
 from shared.schema import Example, Sampling
 from tests.support.trainer import make_examples, write_jsonl
 from trainer.config import TrainerConfig
-from trainer.data import FileSource, RedisSource, TrainItem, collate, prepare_item
+from trainer.data import FileSource, RedisSource, TrainItem, check_resume_order, collate, prepare_item
 from trainer.train import apply_staleness
 from trainer.zero import lr_lambda
 
@@ -75,6 +75,50 @@ def test_file_source_skips_bad_lines_with_their_number(tmp_path: Path, tokenizer
         path, lambda ex, where: prepare_item(ex, tokenizer, 512, where), 2, start={"epoch": 1, "consumed": 2}
     )
     assert [it.example_id for it in resumed.next_items(10)[0]] == ["ex-1", "ex-2"]
+
+
+def test_shuffled_file_source_draws_each_epoch_from_seed_and_epoch_and_resumes_exactly(
+    tmp_path: Path, tokenizer, tiny_model_dir: Path, caplog
+):
+    path = write_jsonl(tmp_path / "ex.jsonl", make_examples(tiny_model_dir, 8))
+    lines = path.read_text().splitlines()
+    lines.insert(3, "not json")
+    path.write_text("\n".join(lines) + "\n")
+
+    def source(seed: int | None, start: dict[str, Any] | None = None) -> FileSource:
+        return FileSource(path, lambda ex, where: prepare_item(ex, tokenizer, 512, where), 2, start, seed)
+
+    def ids(items: list[TrainItem]) -> list[str]:
+        return [it.example_id for it in items]
+
+    with caplog.at_level(logging.WARNING, logger="mindgap.trainer.data"):
+        whole, done = source(3).next_items(100)
+    assert done and f"{path}:4" in caplog.text  # a bad line keeps its file line number in a shuffled epoch
+    first, second = ids(whole[:8]), ids(whole[8:])
+    file_order = [f"ex-{i}" for i in range(8)]
+    assert sorted(first) == sorted(second) == file_order  # each epoch: every record once
+    assert len({tuple(first), tuple(second), tuple(file_order)}) == 3  # a fresh order per epoch
+    assert ids(source(3).next_items(100)[0]) == first + second  # a function of the seed alone
+    assert ids(source(4).next_items(100)[0])[:8] != first
+    assert ids(source(None).next_items(100)[0]) == file_order * 2
+    # Interrupted after 5 and after 11 items (mid-epoch in each): the resumed source reads exactly the rest.
+    for cut in (5, 11):
+        reader = source(3)
+        head, _ = reader.next_items(cut)
+        position = reader.position()
+        assert position["order"] == "shuffled:3"
+        tail, done = source(3, position).next_items(100)
+        assert ids(head) + ids(tail) == first + second and done
+
+
+def test_resume_order_must_match_the_checkpoints():
+    check_resume_order({"epoch": 1, "consumed": 4, "order": "shuffled:2"}, 2)
+    check_resume_order({"epoch": 1, "consumed": 4}, None)  # saved before shuffling: file order
+    check_resume_order({}, 7)  # nothing to resume
+    with pytest.raises(ValueError, match="in file order and this run reads it in shuffled:0 order"):
+        check_resume_order({"epoch": 0, "consumed": 4}, 0)
+    with pytest.raises(ValueError, match="shuffled:2 order and this run reads it in shuffled:5 order"):
+        check_resume_order({"order": "shuffled:2"}, 5)
 
 
 def _item(version: int) -> TrainItem:

@@ -111,6 +111,13 @@ def test_bf16_one_rank_then_resume_checks_layout(tiny_model_dir: Path, tmp_path:
     assert "cannot resume from" in proc.stderr and "Traceback" not in proc.stderr
     assert "--nproc 1 --zero-stage 0, 1 or 2" in proc.stderr and "--nproc 1 --zero-stage 3" in proc.stderr
     assert ready_versions(ckpt) == [1]
+    # Another seed reads the file in another order: the saved row count would name other rows, so refused.
+    proc = subprocess.run(
+        [*argv(6, 2), "--seed", "1"], env=train_env(), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "shuffled:0 order and this run reads it in shuffled:1 order" in proc.stderr
+    assert "Traceback" not in proc.stderr and ready_versions(ckpt) == [1]
 
     # ZeRO-1 asked on 1 rank is the same stage 0: it resumes (optimizer state included) and trains on.
     run_train(argv(6, 1))
