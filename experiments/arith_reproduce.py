@@ -51,6 +51,7 @@ from mindgap.evaluation import estimators as stats  # noqa: E402
 from mindgap.evaluation import gap  # noqa: E402
 from mindgap.evaluation.benchmarks import data_dir  # noqa: E402
 from shared.dataio import FieldMap, atomic_write_jsonl, atomic_write_text  # noqa: E402
+from trainer.checkpoint import STATE_FILE  # noqa: E402
 
 if TYPE_CHECKING:
     from services.engine import Engine
@@ -372,6 +373,9 @@ async def arm_phase(ctx: Context, engine: Engine, grader: Grader, run: Run, data
         "loss": run.loss,
         "data": run.data,
         "seed": run.seed,
+        # the order the trainer read the data in, from its own state (arms trained before the trainer
+        # shuffled carry no such key: they read file order)
+        "order": json.loads((checkpoint / STATE_FILE).read_text())["source"]["order"],
         **result,
         "shift": probe_shift(probe, [r["base_logprobs"] for r in probe], model_lp),
         "training": training_summary(metrics),
