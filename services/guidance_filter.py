@@ -198,25 +198,32 @@ def _question_numbers(question: str) -> set[float]:
     return {v for m in _NUMBER.finditer(question) if (v := _as_number(m.group(0))) is not None}
 
 
-def _judged_answer(question: str, gold: str) -> float | None:
-    """`gold` as a number when `answer_first` and `unworked` can judge it: numeric and not in the question
-    (a restated question number cannot be told from a stated answer); else None."""
+def _judged_answer(question_numbers: set[float], gold: str) -> float | None:
+    """`gold` as a number when `answer_first` and `unworked` can judge it: numeric and not one of the
+    question's numbers (a restated question number cannot be told from a stated answer); else None."""
     target = _as_number(gold)
-    return None if target is None or target in _question_numbers(question) else target
+    return None if target is None or target in question_numbers else target
 
 
-def answer_before_work(response: str, question: str, gold: str) -> bool:
-    """Whether `response` states the numeric `gold` before the work that leads to it (module docstring)."""
-    target = _judged_answer(question, gold)
-    if target is None:
-        return False
-    question_numbers = _question_numbers(question)
+def _stated_first(response: str, target: float, question_numbers: set[float]) -> bool:
     first = next((m for m in _NUMBER.finditer(response) if _as_number(m.group(0)) == target), None)
     if first is None:
         return False
     return not _has_work(response[: first.start()], question_numbers) and _has_work(
         response[first.end() :], question_numbers
     )
+
+
+def _derives(response: str, target: float) -> bool:
+    tolerance = 1e-9 * max(1.0, abs(target))
+    return any(abs(_operand(m.group(1)) - target) <= tolerance for m in _DERIVATION.finditer(response))
+
+
+def answer_before_work(response: str, question: str, gold: str) -> bool:
+    """Whether `response` states the numeric `gold` before the work that leads to it (module docstring)."""
+    numbers = _question_numbers(question)
+    target = _judged_answer(numbers, gold)
+    return target is not None and _stated_first(response, target, numbers)
 
 
 def _operand(text: str) -> float:
@@ -266,11 +273,8 @@ def false_equation(response: str) -> str | None:
 def worked_out(response: str, question: str, gold: str) -> bool:
     """Whether the numeric `gold` is the result of an expression in `response` (module docstring: `unworked`);
     True when the signal cannot judge `gold`."""
-    target = _judged_answer(question, gold)
-    if target is None:
-        return True
-    tolerance = 1e-9 * max(1.0, abs(target))
-    return any(abs(_operand(m.group(1)) - target) <= tolerance for m in _DERIVATION.finditer(response))
+    target = _judged_answer(_question_numbers(question), gold)
+    return target is None or _derives(response, target)
 
 
 def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> GuidanceCheck:
@@ -278,9 +282,11 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
     said = words(response)
     echo = longest_shared_span(said, _framing(ctx), [words(ctx.plain_text)])
     copy = longest_shared_span(said, [words(ctx.shown)], [words(ctx.question)]) if ctx.shown != ctx.gold else 0
-    first = answer_before_work(response, ctx.question, ctx.gold)
+    numbers = _question_numbers(ctx.question)  # read once for answer_first and unworked
+    target = _judged_answer(numbers, ctx.gold)
+    first = target is not None and _stated_first(response, target, numbers)
     wrong = false_equation(response)
-    unworked = not worked_out(response, ctx.question, ctx.gold)
+    unworked = target is not None and not _derives(response, target)
     reason: GuidanceReason | None = None
     if limits.echo_words and echo >= limits.echo_words:
         reason = "echo"

@@ -19,43 +19,50 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from experiments.guidance_filter.evaluate import load
 from services.guidance_filter import guidance_context, limits_of, text_check, with_likelihood
 from shared.config import StageParams
-from shared.prompts import SOLVE_INSTRUCTION
-from shared.schema import Problem
+from shared.prompts import solve_messages
+
+
+def judge(
+    records: list[dict[str, Any]], problems: list[dict[str, Any]], labels: list[dict[str, Any]]
+) -> list[tuple[str, str, str, str]]:
+    """(problem_id, label, verdict, note) of every guided record; the verdict is a rejection reason or 'kept'."""
+    params = StageParams()
+    limits = limits_of(params)
+    by_id = {row["problem_id"]: row for row in labels}
+    # A record's prompt is the plain prompt of its question: match it as the pipeline rendered it.
+    by_prompt = {solve_messages(p["question"])[-1].content: p for p in problems}
+    guided = [r for r in records if r["stage"] == "guided"]
+    missing = [r["problem_id"] for r in guided if r["problem_id"] not in by_id]
+    if missing:
+        raise SystemExit(f"no label for problem(s) {missing}")
+    rows = []
+    for r in guided:
+        problem = by_prompt[r["prompt"][-1]["content"]]
+        ctx = guidance_context(
+            problem["question"], problem.get("solution"), r["answer"], r["meta"]["guidance"], params.hint_fraction
+        )
+        check = text_check(r["completion"][-1]["content"], ctx, limits)
+        check = with_likelihood(check, r["meta"]["guidance_check"]["logprob_gain"], limits)
+        label = by_id[r["problem_id"]]
+        rows.append((r["problem_id"], label["label"], check.reason or "kept", label["note"]))
+    return rows
 
 
 def main(args: argparse.Namespace) -> None:
-    params = StageParams()
-    limits = limits_of(params)
-    labels = {row["problem_id"]: row for row in load(args.labels)}
-    problems = {
-        r["question"].strip(): Problem(id=str(r["id"]), question=r["question"], solution=r.get("solution"))
-        for r in load(args.problems)
-    }
-    records = [r for r in load(args.records) if r["stage"] == "guided"]
-    missing = [r["problem_id"] for r in records if r["problem_id"] not in labels]
-    if missing:
-        raise SystemExit(f"{args.labels}: no label for problem(s) {missing}")
-    kept: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    for r in records:
-        label = labels[r["problem_id"]]
-        question = r["prompt"][-1]["content"].removesuffix(SOLVE_INSTRUCTION).strip()  # the plain prompt
-        solution = problems[question].solution
-        ctx = guidance_context(question, solution, r["answer"], r["meta"]["guidance"], params.hint_fraction)
-        check = text_check(r["completion"][-1]["content"], ctx, limits)
-        check = with_likelihood(check, r["meta"]["guidance_check"]["logprob_gain"], limits)
-        reasons[check.reason or "kept"] += 1
-        if check.reason is None:
-            kept[label["label"]] += 1
-        print(f"{r['problem_id']:>5} {label['label']:<5} {check.reason or 'kept':<12} {label['note']}")
-    before = Counter(labels[r["problem_id"]]["label"] for r in records)
-    print(f"\nkept by the run's filter: {len(records)} ({before['lean']} lean, {before['clean']} clean)")
-    print(f"kept by the current filter: {reasons['kept']} ({kept['lean']} lean, {kept['clean']} clean)")
-    print("rejected now:", {k: v for k, v in reasons.items() if k != "kept"})
+    rows = judge(load(args.records), load(args.problems), load(args.labels))
+    for pid, label, verdict, note in rows:
+        print(f"{pid:>5} {label:<5} {verdict:<12} {note}")
+    before = Counter(label for _, label, _, _ in rows)
+    kept = Counter(label for _, label, verdict, _ in rows if verdict == "kept")
+    rejected = Counter(verdict for _, _, verdict, _ in rows if verdict != "kept")
+    print(f"\nkept by the run's filter: {len(rows)} ({before['lean']} lean, {before['clean']} clean)")
+    print(f"kept by the current filter: {kept.total()} ({kept['lean']} lean, {kept['clean']} clean)")
+    print("rejected now:", dict(rejected))
 
 
 if __name__ == "__main__":
