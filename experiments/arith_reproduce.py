@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -430,6 +431,12 @@ def arm_scores(runs: list[dict[str, Any]], arm: str, name: str, method: str = ME
     return stats.mean_over_seeds(per_seed) if per_seed else None
 
 
+def order_of(run: dict[str, Any]) -> str:
+    """The order a fine-tune read its training data in; arms trained before the trainer shuffled read file order."""
+    order: str = run.get("order", "file")
+    return order
+
+
 def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[str]) -> dict[str, Any]:
     """The numbers of the page: avg@n with CIs per arm and set, paired differences, shifts, training curves."""
     arms = ["base", *dict.fromkeys(r["arm"] for r in runs)]
@@ -449,6 +456,8 @@ def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[
                 accuracy[arm][name] = {
                     "avg": stats.bootstrap_mean(s).to_json(),
                     "per_seed": [statistics.fmean(r["scores"][name][METHOD]) for r in seeds],
+                    # which seed and data order each per_seed value is (none for the base model)
+                    "seeds": [{"seed": r["seed"], "order": order_of(r)} for r in seeds if r is not base],
                 }
     pairs = [(a, b) for a, b in COMPARISONS if a in arms and b in arms] + [(a, "base") for a in arms[1:]]
     differences = []
@@ -511,14 +520,19 @@ def results_markdown(
         f"### Accuracy: avg@{n} in % with 95 % bootstrap CIs over problems",
         "",
         "Arms with several seeds: per-problem scores averaged over seeds, then resampled by problem; the "
-        "seeds' own avg@n in the last column.",
+        "seeds' own avg@n in the last column, with the order the trainer read the training data in (`file`: "
+        "file order every epoch; `shuffled:S`: a fresh order per epoch drawn from seed S).",
         "",
         "| model | " + " | ".join(set_names) + " | per seed (" + set_names[0] + ") |",
         "|---|" + "---:|" * len(set_names) + "---|",
     ]
     for arm, by_set in acc.items():
         cells = [_ci(by_set[name]["avg"]) if name in by_set else "–" for name in set_names]
-        per_seed = ", ".join(f"{100 * x:.1f}" for x in by_set.get(set_names[0], {}).get("per_seed", []))
+        first = by_set.get(set_names[0], {})
+        tags = [f" (seed {t['seed']}, {t['order']})" for t in first.get("seeds", [])]
+        per_seed = ", ".join(
+            f"{100 * x:.1f}{tag}" for x, tag in zip_longest(first.get("per_seed", []), tags, fillvalue="")
+        )
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_seed} |")
     shapes = extra.get("answer_shapes", {})
     if shapes:

@@ -203,7 +203,7 @@ def test_summary_has_cis_paired_differences_and_seed_means(repro: ModuleType) ->
     runs = [
         _arm("sft-raw", 0, [0.25] * 8, [0.5] * 8, 0.2),
         _arm("sft-rewritten", 0, [0.5, 1.0] * 4, [1.0] * 8, 0.1),
-        _arm("sft-rewritten", 1, [0.5, 0.0] * 4, [1.0] * 8, 0.3),
+        _arm("sft-rewritten", 1, [0.5, 0.0] * 4, [1.0] * 8, 0.3) | {"order": "shuffled:1"},
     ]
     summary = repro.summarise(base, runs, ["arith_heldout", "retention"])
     acc = summary["accuracy"]
@@ -211,6 +211,12 @@ def test_summary_has_cis_paired_differences_and_seed_means(repro: ModuleType) ->
         {"value": 0.25, "low": 0.25, "high": 0.25, "level": 0.95}
     )
     assert acc["sft-rewritten"]["arith_heldout"]["per_seed"] == [0.75, 0.25]
+    # seed 0 has no recorded order: it was trained before the trainer shuffled, in file order
+    assert acc["sft-rewritten"]["arith_heldout"]["seeds"] == [
+        {"seed": 0, "order": "file"},
+        {"seed": 1, "order": "shuffled:1"},
+    ]
+    assert acc["base"]["arith_heldout"]["seeds"] == []
     assert acc["sft-rewritten"]["arith_heldout"]["avg"]["value"] == pytest.approx(0.5)  # seeds averaged per problem
     diffs = {(d["left"], d["right"], d["set"]): d for d in summary["differences"]}
     dr = diffs[("sft-rewritten", "sft-raw", "arith_heldout")]
@@ -227,8 +233,8 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     shift0 = {"arith_heldout": {"kl_from_base": 0.0, "reference_nll": 2.0}}
     base = {"name": "base", "report": {}, "scores": held, "shift": shift0, "gap": _fake_gap()}
     (tmp_path / "arms" / "base.json").write_text(json.dumps(base))
-    for name, seed in (("dft-raw", 0), ("dft-rewritten", 0), ("is-rewritten", 0)):
-        arm = _arm(name, seed, [0.25, 0.5, 1.0, 0.5], [1.0, 0.75, 0.75, 0.5], 0.05)
+    for name, seed in (("dft-raw", 0), ("dft-rewritten", 0), ("is-rewritten", 0), ("dft-raw", 1)):
+        arm = _arm(name, seed, [0.25, 0.5, 1.0, 0.5], [1.0, 0.75, 0.75, 0.5], 0.05) | {"order": f"shuffled:{seed}"}
         (tmp_path / "arms" / f"{name}-s{seed}.json").write_text(json.dumps(arm))
         metrics = tmp_path / "train" / f"{name}-s{seed}" / "metrics.jsonl"
         metrics.parent.mkdir(parents=True)
@@ -243,7 +249,8 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     assert "| self | 3 | 30.0 |" in md and "truncated_rejected 4" in md and "guidance: echo 2" in md
     assert "Command: `" in md and "Machine: " in md and "mean NLL" in md
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["runs"] == ["dft-raw-s0", "dft-rewritten-s0", "is-rewritten-s0"]
+    assert results["runs"] == ["dft-raw-s0", "dft-raw-s1", "dft-rewritten-s0", "is-rewritten-s0"]
+    assert "| 56.2 (seed 0, shuffled:0), 56.2 (seed 1, shuffled:1) |" in md
     # rebuilding the page keeps the command that made the run, not the rebuild's
     (tmp_path / "results.json").write_text(json.dumps(results | {"command": "the run's command"}))
     repro.write_report(args, repro.Recorder(tmp_path))

@@ -10,7 +10,7 @@ from experiments.guidance_filter.rejudge import judge
 from shared.prompts import solve_messages
 
 PROBLEMS = [
-    {"id": 1, "question": "Ava has 4 cars. She gets 2 more. How many cars does she have?", "solution": "4+2=6.\n#### 6"},
+    {"id": 1, "question": "Ava has 4 cars. She gets 2 more. How many cars now?", "solution": "4+2=6.\n#### 6"},
     {"id": 2, "question": "Ben has 9 pens. He loses 3. How many pens are left?", "solution": "9-3=6.\n#### 6"},
 ]
 
