@@ -460,12 +460,22 @@ def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[
                     "seeds": [{"seed": r["seed"], "order": order_of(r)} for r in seeds if r is not base],
                 }
     pairs = [(a, b) for a, b in COMPARISONS if a in arms and b in arms] + [(a, "base") for a in arms[1:]]
-    differences = []
+    differences, per_seed = [], []
     for a, b in pairs:
         for name in set_names:
             sa, sb = scores(a, name), scores(b, name)
             if sa is not None and sb is not None:
                 differences.append({"left": a, "right": b, "set": name, **stats.paired_difference(sa, sb).to_json()})
+    # The same comparisons seed by seed (the seeds both arms have): the CIs above are over problems only,
+    # so whether a difference holds from one training seed to the next shows here.
+    by_seed = {(r["arm"], r["seed"]): r for r in runs}
+    for a, b in (p for p in COMPARISONS if p[0] in arms and p[1] in arms):
+        for seed in sorted({r["seed"] for r in runs if r["arm"] == a} & {r["seed"] for r in runs if r["arm"] == b}):
+            ra, rb = by_seed[(a, seed)], by_seed[(b, seed)]
+            for name in set_names:
+                if name in ra["scores"] and name in rb["scores"]:
+                    iv = stats.paired_difference(ra["scores"][name][METHOD], rb["scores"][name][METHOD])
+                    per_seed.append({"left": a, "right": b, "seed": seed, "set": name, **iv.to_json()})
     shift: dict[str, dict[str, Any]] = {"base": base["shift"]}
     for arm in arms[1:]:
         rs = [r for r in runs if r["arm"] == arm]
@@ -473,7 +483,7 @@ def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[
             name: {key: statistics.fmean(r["shift"][name][key] for r in rs) for key in rs[0]["shift"][name]}
             for name in rs[0]["shift"]
         }
-    return {"accuracy": accuracy, "differences": differences, "shift": shift}
+    return {"accuracy": accuracy, "differences": differences, "differences_per_seed": per_seed, "shift": shift}
 
 
 def _ci(iv: dict[str, float], scale: float = 100.0, signed: bool = False) -> str:
@@ -565,6 +575,21 @@ def results_markdown(
     for (a, b), pair in by_pair.items():
         row = [_ci(pair[name], signed=True) if name in pair else "–" for name in set_names]
         lines.append(f"| {a} − {b} | " + " | ".join(row) + " |")
+    seeded: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for diff in summary["differences_per_seed"]:
+        seeded.setdefault((diff["left"], diff["right"], diff["seed"]), {})[diff["set"]] = diff
+    if len({seed for _, _, seed in seeded}) > 1:
+        lines += [
+            "",
+            "Seed by seed (each seed's own paired difference; the intervals above are over problems only and do "
+            "not include the variation between training seeds):",
+            "",
+            "| comparison | seed | " + " | ".join(set_names) + " |",
+            "|---|---:|" + "---:|" * len(set_names),
+        ]
+        for (a, b, seed), pair in seeded.items():
+            row = [_ci(pair[name], signed=True) if name in pair else "–" for name in set_names]
+            lines.append(f"| {a} − {b} | {seed} | " + " | ".join(row) + " |")
     probe_sets = list(shift.get("base", {}))
     lines += [
         "",

@@ -217,6 +217,10 @@ def test_summary_has_cis_paired_differences_and_seed_means(repro: ModuleType) ->
         {"seed": 1, "order": "shuffled:1"},
     ]
     assert acc["base"]["arith_heldout"]["seeds"] == []
+    # seed by seed: only the seeds both arms have (sft-raw has no seed 1)
+    (seeded,) = [d for d in summary["differences_per_seed"] if d["set"] == "arith_heldout"]
+    assert (seeded["left"], seeded["right"], seeded["seed"]) == ("sft-rewritten", "sft-raw", 0)
+    assert seeded["value"] == pytest.approx(0.5)
     assert acc["sft-rewritten"]["arith_heldout"]["avg"]["value"] == pytest.approx(0.5)  # seeds averaged per problem
     diffs = {(d["left"], d["right"], d["set"]): d for d in summary["differences"]}
     dr = diffs[("sft-rewritten", "sft-raw", "arith_heldout")]
@@ -233,8 +237,14 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     shift0 = {"arith_heldout": {"kl_from_base": 0.0, "reference_nll": 2.0}}
     base = {"name": "base", "report": {}, "scores": held, "shift": shift0, "gap": _fake_gap()}
     (tmp_path / "arms" / "base.json").write_text(json.dumps(base))
-    for name, seed in (("dft-raw", 0), ("dft-rewritten", 0), ("is-rewritten", 0), ("dft-raw", 1)):
-        arm = _arm(name, seed, [0.25, 0.5, 1.0, 0.5], [1.0, 0.75, 0.75, 0.5], 0.05) | {"order": f"shuffled:{seed}"}
+    for name, seed, held in (
+        ("dft-raw", 0, [0.25, 0.5, 1.0, 0.5]),
+        ("dft-rewritten", 0, [0.25, 0.5, 1.0, 0.5]),
+        ("is-rewritten", 0, [0.25, 0.5, 1.0, 0.5]),
+        ("dft-raw", 1, [0.0, 0.25, 0.75, 0.25]),
+        ("dft-rewritten", 1, [0.25, 0.5, 1.0, 0.5]),
+    ):
+        arm = _arm(name, seed, held, [1.0, 0.75, 0.75, 0.5], 0.05) | {"order": f"shuffled:{seed}"}
         (tmp_path / "arms" / f"{name}-s{seed}.json").write_text(json.dumps(arm))
         metrics = tmp_path / "train" / f"{name}-s{seed}" / "metrics.jsonl"
         metrics.parent.mkdir(parents=True)
@@ -244,12 +254,15 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     (tmp_path / "rewritten.jsonl.summary.json").write_text(json.dumps(summary | {"truncated_rejected": 4}))
     repro.write_report(args, repro.Recorder(tmp_path))
     md = (tmp_path / "results.md").read_text()
-    assert "| base | 43.8 [" in md and "| dft-rewritten − dft-raw | +0.0 [+0.0, +0.0] |" in md
+    assert "| base | 43.8 [" in md and "| dft-rewritten − dft-raw | +12.5 [+12.5, +12.5] |" in md
+    # seed by seed: no difference with seed 0, 25 points with seed 1
+    assert "| dft-rewritten − dft-raw | 0 | +0.0 [+0.0, +0.0] |" in md
+    assert "| dft-rewritten − dft-raw | 1 | +25.0 [+25.0, +25.0] |" in md
     assert "| is-rewritten − dft-rewritten |" in md and "| dft-raw − base |" in md
     assert "| self | 3 | 30.0 |" in md and "truncated_rejected 4" in md and "guidance: echo 2" in md
     assert "Command: `" in md and "Machine: " in md and "mean NLL" in md
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["runs"] == ["dft-raw-s0", "dft-raw-s1", "dft-rewritten-s0", "is-rewritten-s0"]
+    assert results["runs"] == ["dft-raw-s0", "dft-raw-s1", "dft-rewritten-s0", "dft-rewritten-s1", "is-rewritten-s0"]
     assert "| 56.2 (seed 0, shuffled:0), 56.2 (seed 1, shuffled:1) |" in md
     # rebuilding the page keeps the command that made the run, not the rebuild's
     (tmp_path / "results.json").write_text(json.dumps(results | {"command": "the run's command"}))
