@@ -650,7 +650,9 @@ def results_markdown(
         f"{extra['machine']['memory_gib']} GiB; load average at the last write "
         f"{', '.join(f'{x:.1f}' for x in extra['machine']['load_average'])}.",
         "",
-        f"Command: `{extra['command']}`",
+        "Commands, one per invocation (a resumed run skips every finished step and arm):",
+        "",
+        *[f"- `{command}`" for command in extra["commands"]],
         "",
         f"Wall time of the recorded phases: {sum(extra['timings'].values()) / 60:.0f} min "
         f"(phases of earlier invocations of a resumed run included).",
@@ -696,16 +698,22 @@ def timings_log(out: Path, rec: Recorder) -> dict[str, float]:
     return done
 
 
-def run_command(args: argparse.Namespace) -> str:
-    """The command that made the run: this invocation's, with the vLLM CPU variables it ran under, or under
-    `--report` (which only rebuilds the page) the one recorded before."""
+def run_commands(args: argparse.Namespace) -> list[str]:
+    """The commands that made the run, one per invocation (a resumed run adds seeds or arms): those recorded
+    before, then this invocation's with the vLLM CPU variables it ran under (not a `--report`, which only
+    rebuilds the page)."""
     recorded = args.out / "results.json"
-    if args.report and recorded.is_file():
-        return str(json.loads(recorded.read_text())["command"])
+    earlier: list[str] = []
+    if recorded.is_file():
+        previous = json.loads(recorded.read_text())
+        earlier = previous.get("commands") or [previous["command"]]  # pages before 'commands' kept one
+    if args.report:
+        return earlier
     env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")]
-    return " ".join(
+    this = " ".join(
         [*(["env", *env] if env else []), ".venv/bin/python", "experiments/arith_reproduce.py", *sys.argv[1:]]
     )
+    return earlier if earlier and earlier[-1] == this else [*earlier, this]
 
 
 def write_report(args: argparse.Namespace, rec: Recorder) -> None:
@@ -719,7 +727,7 @@ def write_report(args: argparse.Namespace, rec: Recorder) -> None:
     extra = {
         "rewrite_summary": json.loads(summary_path.read_text()) if summary_path.is_file() else {},
         "machine": machine(),
-        "command": run_command(args),
+        "commands": run_commands(args),
         "timings": timings_log(args.out, rec),
         "answer_shapes": answer_shapes(args.out, ["base", *(r["name"] for r in runs)]),
     }

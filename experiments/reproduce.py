@@ -374,14 +374,22 @@ def plot_training(metrics: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    # One colour per arm, one line style per training seed ("<arm>-s<seed>"), so a dozen runs stay apart.
+    arms: dict[str, str] = {}
     for name, rows in metrics.items():
+        arm, _, seed = name.rpartition("-s")
+        arm, seed = (arm, seed) if seed.isdigit() else (name, "0")
+        color = arms.setdefault(arm, f"C{len(arms) % 10}")
+        style = {"color": color, "linestyle": ("-", "--", "-.")[int(seed) % 3]}
         steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["loss"] for r in rows], label=name)
-        axes[1].plot(steps, [r["grad_norm"] for r in rows], label=name)
+        axes[0].plot(steps, [r["loss"] for r in rows], label=name, **style)
+        axes[1].plot(steps, [r["grad_norm"] for r in rows], label=name, **style)
         ess = [(r["step"], r["is_ess"], r["is_weight_max"]) for r in rows if _finite([r.get("is_weight_max")])]
         if ess:
-            axes[2].plot([s for s, _, _ in ess], [e for _, e, _ in ess], label=f"{name} ESS")
-            axes[2].plot([s for s, _, _ in ess], [m for _, _, m in ess], linestyle=":", label=f"{name} max w")
+            axes[2].plot([s for s, _, _ in ess], [e for _, e, _ in ess], label=f"{name} ESS", **style)
+            axes[2].plot(
+                [s for s, _, _ in ess], [m for _, _, m in ess], label=f"{name} max w", color=color, linestyle=":"
+            )
     axes[0].set(title="training loss", xlabel="step")
     axes[1].set(title="grad norm (before clipping)", xlabel="step")
     axes[2].set(title="IS weights: ESS and max (is runs)", xlabel="step")

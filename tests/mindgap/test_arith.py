@@ -229,7 +229,9 @@ def test_summary_has_cis_paired_differences_and_seed_means(repro: ModuleType) ->
     assert summary["shift"]["sft-rewritten"]["arith_heldout"]["kl_from_base"] == pytest.approx(0.2)
 
 
-def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp_path: Path) -> None:
+def test_report_writes_page_json_and_plots_from_arm_files(
+    repro: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = repro.parse_args(["--out", str(tmp_path), "--report"])
     args.out = tmp_path
     (tmp_path / "arms").mkdir()
@@ -260,14 +262,19 @@ def test_report_writes_page_json_and_plots_from_arm_files(repro: ModuleType, tmp
     assert "| dft-rewritten − dft-raw | 1 | +25.0 [+25.0, +25.0] |" in md
     assert "| is-rewritten − dft-rewritten |" in md and "| dft-raw − base |" in md
     assert "| self | 3 | 30.0 |" in md and "truncated_rejected 4" in md and "guidance: echo 2" in md
-    assert "Command: `" in md and "Machine: " in md and "mean NLL" in md
+    assert "Commands, one per invocation" in md and "Machine: " in md and "mean NLL" in md
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["runs"] == ["dft-raw-s0", "dft-raw-s1", "dft-rewritten-s0", "dft-rewritten-s1", "is-rewritten-s0"]
     assert "| 56.2 (seed 0, shuffled:0), 56.2 (seed 1, shuffled:1) |" in md
-    # rebuilding the page keeps the command that made the run, not the rebuild's
+    # rebuilding the page keeps the commands that made the run (here a page that recorded one), not the rebuild's
     (tmp_path / "results.json").write_text(json.dumps(results | {"command": "the run's command"}))
     repro.write_report(args, repro.Recorder(tmp_path))
-    assert "Command: `the run's command`" in (tmp_path / "results.md").read_text()
+    assert "- `the run's command`" in (tmp_path / "results.md").read_text()
+    # an invocation that resumes the run with another seed is added after it, once
+    args.report = False
+    monkeypatch.setattr(sys, "argv", ["arith_reproduce.py", "--seeds", "0,1"])
+    first, second = repro.run_commands(args)
+    assert first == "the run's command" and second.endswith("experiments/arith_reproduce.py --seeds 0,1")
     for png in ("accuracy.png", "training.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
