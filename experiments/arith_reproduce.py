@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -431,12 +430,6 @@ def arm_scores(runs: list[dict[str, Any]], arm: str, name: str, method: str = ME
     return stats.mean_over_seeds(per_seed) if per_seed else None
 
 
-def order_of(run: dict[str, Any]) -> str:
-    """The order a fine-tune read its training data in; arms trained before the trainer shuffled read file order."""
-    order: str = run.get("order", "file")
-    return order
-
-
 def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[str]) -> dict[str, Any]:
     """The numbers of the page: avg@n with CIs per arm and set, paired differences, shifts, training curves."""
     arms = ["base", *dict.fromkeys(r["arm"] for r in runs)]
@@ -456,8 +449,9 @@ def summarise(base: dict[str, Any], runs: list[dict[str, Any]], set_names: list[
                 accuracy[arm][name] = {
                     "avg": stats.bootstrap_mean(s).to_json(),
                     "per_seed": [statistics.fmean(r["scores"][name][METHOD]) for r in seeds],
-                    # which seed and data order each per_seed value is (none for the base model)
-                    "seeds": [{"seed": r["seed"], "order": order_of(r)} for r in seeds if r is not base],
+                    # which seed and data order each per_seed value is (none for the base model); arms
+                    # trained before the trainer shuffled carry no order: they read file order
+                    "seeds": [{"seed": r["seed"], "order": r.get("order", "file")} for r in seeds if r is not base],
                 }
     pairs = [(a, b) for a, b in COMPARISONS if a in arms and b in arms] + [(a, "base") for a in arms[1:]]
     differences, per_seed = [], []
@@ -539,10 +533,9 @@ def results_markdown(
     for arm, by_set in acc.items():
         cells = [_ci(by_set[name]["avg"]) if name in by_set else "–" for name in set_names]
         first = by_set.get(set_names[0], {})
-        tags = [f" (seed {t['seed']}, {t['order']})" for t in first.get("seeds", [])]
-        per_seed = ", ".join(
-            f"{100 * x:.1f}{tag}" for x, tag in zip_longest(first.get("per_seed", []), tags, fillvalue="")
-        )
+        values = first.get("per_seed", [])
+        tags = [f" (seed {t['seed']}, {t['order']})" for t in first.get("seeds", [])] or [""] * len(values)
+        per_seed = ", ".join(f"{100 * x:.1f}{tag}" for x, tag in zip(values, tags, strict=True))
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {per_seed} |")
     shapes = extra.get("answer_shapes", {})
     if shapes:
