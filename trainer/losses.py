@@ -79,6 +79,16 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def next_token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
+    """`[B, L-1]` log π of the shifted targets from a causal LM's `[B, L, V]` logits (position j predicts j+1).
+
+    The targets are padded by one instead of the logits being sliced to `[:, :-1]`: log_softmax then runs on
+    the contiguous logits, where a slice would be copied first, and its backward would fill a second
+    full-size `[B, L, V]` gradient. The last position's value is computed and dropped.
+    """
+    return token_logprobs(logits, torch.nn.functional.pad(targets, (0, 1)))[:, :-1]
+
+
 def sampled_token_logprobs(logits: Tensor, targets: Tensor, temperature: float, top_p: float) -> Tensor:
     """log-probs of `targets` under the distribution a sampler draws from, in float32: softmax(logits / T)
     restricted to its top-`top_p` nucleus and renormalised, as vLLM's processed log-probs are.
@@ -102,19 +112,29 @@ def sampling_logprobs(
 
     Only completion positions of those rows are computed (0 elsewhere), so the extra softmax covers the
     importance-weighted tokens and nothing else; a row sampled at T = 1 without top-p reuses `logp`.
+    `logits` may hold one more position than `targets` (a causal LM's last, which predicts nothing).
+    A row's completion is one contiguous span of `mask` (as `collate` builds it). `mask`, `temperature`,
+    `top_p` and `rows` are read on the host: pass them as CPU tensors and the loop never waits on a GPU.
     """
     out = torch.zeros_like(logp, dtype=torch.float32)
+    mask, temperature, top_p = mask.cpu(), temperature.cpu(), top_p.cpu()
     with torch.no_grad():
-        for i in rows.nonzero().flatten().tolist():
+        for i in rows.cpu().nonzero().flatten().tolist():
             t, p = float(temperature[i]), float(top_p[i])
             pos = (mask[i] > 0).nonzero().flatten()
+            if not len(pos):
+                continue
+            start, end = int(pos[0]), int(pos[-1]) + 1
+            if end - start != len(pos):
+                raise ValueError(f"row {i}: completion positions are not one contiguous span")
             if t == 1.0 and p >= 1.0:
-                out[i, pos] = logp[i, pos].detach().float()
+                out[i, start:end] = logp[i, start:end].detach().float()
                 continue
             # In slices of positions: top-p sorts the vocabulary, and a few float32 and int64 copies of
             # [positions, vocabulary] would otherwise take gigabytes for a long response and a large vocabulary.
-            for part in torch.split(pos, SAMPLED_POSITIONS_PER_PASS):
-                out[i, part] = sampled_token_logprobs(logits[i, part], targets[i, part], t, p)
+            for a in range(start, end, SAMPLED_POSITIONS_PER_PASS):
+                b = min(end, a + SAMPLED_POSITIONS_PER_PASS)
+                out[i, a:b] = sampled_token_logprobs(logits[i, a:b], targets[i, a:b], t, p)
     return out.to(logp.dtype)
 
 
@@ -199,7 +219,7 @@ def micro_batch_terms(
         is_tokens=is_mask.sum().to(logp.dtype),
         is_weight_sum=is_w.sum(),
         is_weight_sq_sum=(is_w * is_w).sum(),
-        is_weight_max=is_w.max() if is_w.numel() else torch.zeros((), dtype=logp.dtype),
+        is_weight_max=is_w.max() if is_w.numel() else torch.zeros((), dtype=logp.dtype, device=logp.device),
         is_clipped=clipped.sum().to(logp.dtype),
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from collections import Counter
@@ -35,12 +36,12 @@ from trainer.losses import (
     gap_metrics,
     gap_sums,
     micro_batch_terms,
+    next_token_logprobs,
     normalised_ess,
     sampling_logprobs,
-    token_logprobs,
 )
 from trainer.publish import GAP_PREFIX, Announcer, gap_line
-from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed
+from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed, loop_clips
 
 log = logging.getLogger("mindgap.trainer")
 
@@ -66,68 +67,79 @@ def apply_staleness(items: list[TrainItem], version: int, cfg: TrainerConfig) ->
 def train_step(
     engine: Any, ref: Any, items: list[TrainItem], dist: Dist, cfg: TrainerConfig, spec: LossSpec, pad_id: int
 ) -> dict[str, float]:
-    """One optimizer step on the global batch `items` (identical on every rank); returns global statistics."""
+    """One optimizer step on the global batch `items` (identical on every rank); returns global statistics.
+
+    On a GPU nothing in the step waits for the device until the statistics are read at its end: the
+    sums stay on the device, and the host-side reads (which rows need sampled log-probs) use the CPU
+    copy of the batch.
+    """
     accum, micro = cfg.grad_accum_for(dist.world), cfg.micro_batch_size
     # Every rank holds the whole global batch, so the global token count needs no communication.
     global_tokens = sum(it.n_completion for it in items)
     mine = items[dist.rank :: dist.world]
-    sums = torch.zeros(len(_SUMS), dtype=torch.float64)
-    gap = torch.zeros(len(STAGES), len(GAP_FIELDS), dtype=torch.float64)
-    weight_max = torch.zeros((), dtype=torch.float64)
-    grad_norm: float | None = None
+    sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=dist.device)
+    gap = torch.zeros(len(STAGES), len(GAP_FIELDS), dtype=torch.float64, device=dist.device)
+    weight_max = torch.zeros((), dtype=torch.float64, device=dist.device)
+    grad_norm: torch.Tensor | None = None
     for k in range(accum):
         chunk = mine[k * micro : (k + 1) * micro]
         # A rank short of items still runs forward/backward (ZeRO's collectives need every rank) on a
         # zero-weight stand-in, so the step count stays aligned across ranks.
-        batch = collate(chunk or items[:1], pad_id, zero_weight=not chunk).to(dist.device)
-        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logp = token_logprobs(logits, batch.targets)
+        host = collate(chunk or items[:1], pad_id, zero_weight=not chunk)
+        batch = host.to(dist.device)
+        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = next_token_logprobs(logits, batch.targets)
         # log π_θ under each record's sampling distribution: the policy side of its importance ratio.
         ratio_logp = sampling_logprobs(
-            logits, logp, batch.targets, batch.mask, batch.temperature, batch.top_p, batch.has_behavior
+            logits, logp, batch.targets, host.mask, host.temperature, host.top_p, host.has_behavior
         )
         ref_logp = None
         if ref is not None:
             with torch.no_grad():
-                ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-                ref_logp = token_logprobs(ref_logits, batch.targets)
+                ref_logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                ref_logp = next_token_logprobs(ref_logits, batch.targets)
         terms = micro_batch_terms(
             logp, batch.mask, batch.behavior, batch.has_behavior, batch.example_weight, spec, ref_logp, ratio_logp
         )
         engine.backward(terms.loss_sum / global_tokens * dist.world, scale_wrt_gas=False)
-        if k == accum - 1 and not engine.zero_optimization() and not engine.bfloat16_enabled():
-            # DeepSpeed clips fp32 stage-0 gradients without keeping the norm: measure it before it clips
-            # (one read of the gradients; clip_grad_norm_ with an infinite bound would also rescale them by 1).
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        if k == accum - 1 and loop_clips(cfg, dist.world):
+            # The gradients are whole and reduced here; DeepSpeed's own clip is off (trainer.zero.loop_clips).
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-        sums += torch.stack([getattr(terms, name).detach().double().cpu() for name in _SUMS])
-        weight_max = torch.maximum(weight_max, terms.is_weight_max.detach().double().cpu())
-        gap += gap_sums(logp, ratio_logp, batch.behavior, batch.mask, batch.has_behavior, batch.stage).cpu()
-    # Reduced on the rank's device: NCCL has no CPU tensors.
-    sums, weight_max, gap = sums.to(dist.device), weight_max.to(dist.device), gap.to(dist.device)
+        sums += torch.stack([getattr(terms, name).detach() for name in _SUMS]).double()
+        weight_max = torch.maximum(weight_max, terms.is_weight_max.detach().double())
+        gap += gap_sums(logp, ratio_logp, batch.behavior, batch.mask, batch.has_behavior, batch.stage)
     torch_dist.all_reduce(sums)
     torch_dist.all_reduce(gap)
     torch_dist.all_reduce(weight_max, op=torch_dist.ReduceOp.MAX)
-    s = dict(zip(_SUMS, sums.tolist(), strict=True))
+    norm = grad_norm.double().reshape(1) if grad_norm is not None else torch.full((1,), math.nan, device=dist.device)
+    # The one wait for the device in the step: every statistic comes back in one copy.
+    flat = torch.cat([sums, weight_max.reshape(1), norm.to(sums.device), gap.flatten()]).tolist()
+    s = dict(zip(_SUMS, flat[: len(_SUMS)], strict=True))
+    weight_max_value, norm_value = flat[len(_SUMS)], flat[len(_SUMS) + 1]
+    gap_rows = [flat[len(_SUMS) + 2 :][r * len(GAP_FIELDS) : (r + 1) * len(GAP_FIELDS)] for r in range(len(STAGES))]
     if grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
+        ds_norm = engine.get_global_grad_norm()
+        norm_value = float(ds_norm) if ds_norm is not None else math.nan
     return {
         "loss": s["loss_sum"] / global_tokens,
         "nll": s["nll_sum"] / global_tokens,
         "kl": s["kl_sum"] / global_tokens,
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": norm_value,
         "lr": float(engine.get_lr()[0]),
         "tokens": float(sum(len(it.input_ids) for it in items)),
         "completion_tokens": float(global_tokens),
-        "is_weight_mean": s["is_weight_sum"] / s["is_tokens"] if s["is_tokens"] else float("nan"),
-        "is_weight_max": float(weight_max) if s["is_tokens"] else float("nan"),
+        "is_weight_mean": s["is_weight_sum"] / s["is_tokens"] if s["is_tokens"] else math.nan,
+        "is_weight_max": weight_max_value if s["is_tokens"] else math.nan,
         "is_ess": normalised_ess(s["is_weight_sum"], s["is_weight_sq_sum"], s["is_tokens"]),
         "is_clip_frac": s["is_clipped"] / s["is_tokens"] if s["is_tokens"] else 0.0,
         # the policy gap per stage, from the log-probs computed above: `gap/<stage>/<metric>`
         **{
             f"gap/{stage}/{name}": value
-            for stage, metrics in gap_metrics(gap.tolist()).items()
+            for stage, metrics in gap_metrics(gap_rows).items()
             for name, value in metrics.items()
         },
     }
@@ -300,7 +312,8 @@ def run(cfg: TrainerConfig) -> None:
             segment.trained_ids += [it.example_id for it in kept]
             segment.dropped_ids += [it.example_id for it in items if id(it) not in kept_ids]
             shared = [(kept, exhausted or stop.requested)]
-        torch_dist.broadcast_object_list(shared, src=0)
+        if dist.world > 1:
+            torch_dist.broadcast_object_list(shared, src=0)
         kept, exhausted = shared[0]
         if not kept:
             continue

@@ -73,6 +73,16 @@ def effective_zero_stage(stage: int, world: int) -> int:
     return 0 if world == 1 and stage in (1, 2) else stage
 
 
+def loop_clips(cfg: TrainerConfig, world: int) -> bool:
+    """Whether the training loop, not DeepSpeed, measures and clips the gradient norm: fp32 at stage 0.
+
+    There DeepSpeed's clip keeps no norm and runs two kernels per parameter (a norm, a scale); the loop
+    does both in one foreach pass and keeps the norm. bf16 and ZeRO 1-3 clip inside DeepSpeed's optimizer
+    wrappers, which report the norm.
+    """
+    return cfg.precision == "fp32" and effective_zero_stage(cfg.zero_stage, world) == 0
+
+
 def ds_config(cfg: TrainerConfig, world: int, inference: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for `cfg` on `world` ranks (`inference`: a frozen model, no optimizer)."""
     accum = cfg.grad_accum_for(world)
@@ -88,7 +98,7 @@ def ds_config(cfg: TrainerConfig, world: int, inference: bool = False) -> dict[s
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.micro_batch_size * accum * world,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if loop_clips(cfg, world) else cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         # torch's AdamW is not on DeepSpeed's list of ZeRO-tested optimizers, but ZeRO wraps any torch optimizer.
@@ -136,6 +146,10 @@ def build_engine(cfg: TrainerConfig, path: str, dist: Dist) -> Any:
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if dist.world == 1 and stage == 0:
+        # One rank has nothing to all-reduce, but stage 0 would still flatten every gradient into a bucket,
+        # reduce it over the group of one and copy it back: a full copy of the gradients each step.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +48,21 @@ def matmul_gflops(dtype_name: str, autocast: bool = False) -> float:
     return 2 * 256 * 576 * 1536 / seconds / 1e9
 
 
-def bare(spec: dict[str, Any]) -> dict[str, Any]:
-    """Forward, cross-entropy on the completion tokens, backward, AdamW step: nothing else."""
+def bare_step(model_path: str) -> Callable[[list[dict[str, Any]]], int]:
+    """The bare loop's step on a fresh float32 copy of the model: forward, cross-entropy on the completion
+    tokens, backward, AdamW step, nothing else. Each call trains one batch and returns its token count."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model: Any = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.to(device)
     model.config.use_cache = False
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    seconds: list[float] = []
-    tokens: list[int] = []
-    for batch in _batches(spec):
-        t0 = time.monotonic()
+
+    def step(batch: list[dict[str, Any]]) -> int:
         ids = torch.tensor([it["input_ids"] for it in batch])
         labels = ids.clone()
         for row, it in enumerate(batch):
@@ -72,10 +71,24 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        return ids.numel()
+
+    return step
+
+
+def bare(spec: dict[str, Any]) -> dict[str, Any]:
+    """The bare loop over the spec's batches, each step timed until the device is done."""
+    import torch
+
+    step = bare_step(spec["model"])
+    seconds: list[float] = []
+    tokens: list[int] = []
+    for batch in _batches(spec):
+        t0 = time.monotonic()
+        tokens.append(step(batch))
+        if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step is done when the GPU is, not when Python is
         seconds.append(time.monotonic() - t0)
-        tokens.append(ids.numel())
     gflops = {
         "float32": matmul_gflops("float32"),
         "bfloat16": matmul_gflops("bfloat16"),

@@ -173,7 +173,7 @@ def sampled_logprobs(model: str, examples: Sequence[Example], batch_size: int = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import collate, prepare_item
-    from trainer.losses import sampling_logprobs, token_logprobs
+    from trainer.losses import next_token_logprobs, sampling_logprobs
 
     path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -190,8 +190,8 @@ def sampled_logprobs(model: str, examples: Sequence[Example], batch_size: int = 
             raise DataError(f"a record cannot be scored by {model}: {exc}") from exc
         b = collate(items, pad).to(device)
         with torch.no_grad():
-            logits = net(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-            logp = token_logprobs(logits, b.targets)
+            logits = net(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logp = next_token_logprobs(logits, b.targets)
             lp = sampling_logprobs(logits, logp, b.targets, b.mask, b.temperature, b.top_p, b.has_behavior)
         out.extend(row[m > 0].tolist() for row, m in zip(lp.cpu(), b.mask.cpu(), strict=True))
     return out

@@ -22,10 +22,10 @@ from trainer.losses import (
     LossSpec,
     gap_metrics,
     gap_sums,
+    next_token_logprobs,
     normalised_ess,
     sampled_token_logprobs,
     sampling_logprobs,
-    token_logprobs,
     token_weights,
 )
 
@@ -51,8 +51,8 @@ def _weights(policy, temperature: float, top_p: float, at_sampling: bool = True)
     ]
     batch = collate(items, pad_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logp = token_logprobs(logits, batch.targets)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = next_token_logprobs(logits, batch.targets)
         args = (logits, logp, batch.targets, batch.mask, batch.temperature, batch.top_p, batch.has_behavior)
         ratio_logp = sampling_logprobs(*args) if at_sampling else logp
     weights = []

@@ -92,3 +92,39 @@ def test_step_reports_weight_one_and_the_gap_per_stage(tiny_model_dir: Path, one
     )
     assert mixed == pytest.approx(stats["nll"], rel=1e-6)
     assert 0.0 <= stats["gap/self/share_below_p"] <= 1.0
+
+
+class ClipRecordingEngine(OneRankEngine):
+    """Records the gradient norm the optimizer would apply, i.e. after any clipping."""
+
+    def __init__(self, module: Any) -> None:
+        super().__init__(module)
+        self.applied: list[float] = []
+
+    def step(self) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            self.applied.append(float(torch.nn.utils.get_total_norm(grads)))
+        super().step()
+
+
+@pytest.mark.parametrize("grad_clip", [1e-4, 0.0])
+def test_fp32_stage0_step_measures_then_clips_the_gradient(
+    tiny_model_dir: Path, one_rank: Dist, grad_clip: float
+) -> None:
+    """fp32 at stage 0 the loop clips (DeepSpeed's clip is off): the reported norm is the raw one, the
+    optimizer sees it scaled to `grad_clip`; with clipping off it sees the raw gradient."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompt = render_prompt_ids(tokenizer, [ChatMessage(role="user", content="What is two plus three?")])
+    expert = prompt + tokenizer("two plus three is five", add_special_tokens=False)["input_ids"]
+    items = [TrainItem(f"e{i}", str(i), expert, len(prompt), None, 0, "expert") for i in range(2)]
+    cfg = TrainerConfig(batch_size=2, micro_batch_size=2, precision="fp32", zero_stage=2, grad_clip=grad_clip)
+    engine = ClipRecordingEngine(model)
+    stats = train_step(engine, None, items, one_rank, cfg, LossSpec("sft"), 0)
+
+    assert stats["grad_norm"] > 1e-3  # measured before the clip
+    expected = grad_clip if grad_clip > 0 else stats["grad_norm"]
+    assert engine.applied == [pytest.approx(expected, rel=1e-3)]
