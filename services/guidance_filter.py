@@ -1,7 +1,7 @@
 """The guidance-dependence filter: whether a correct guided response stands on its own.
 
 A guided response is trained on under the plain prompt, as if the policy had solved the problem. One
-that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Six signals,
+that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Seven signals,
 each a pure function here, with thresholds in `StageParams` (defaults measured on the labelled set in
 experiments/guidance_filter/, see docs/rewrite.md):
 
@@ -27,6 +27,17 @@ experiments/guidance_filter/, see docs/rewrite.md):
   occur in the question. Measured on an arithmetic run's kept guided responses: 8 of the 18 that lean
   rejected, 1 of the 19 that do not (docs/rewrite.md). Its price: an answer reached in words or by
   counting ("Adding two and three gives 5.", "2, 3, 5 and 7: four primes") is rejected too.
+- `addresses`: it talks about a solution it was shown, or to its author: "your solution", "your previous
+  step", "the original/given/provided/reference/initial/incomplete solution|code|work|attempt|response|
+  step(s)|calculation|reasoning|approach|method", "you (have) correctly/already/provided/given/made/
+  wrote/solved/calculated/shown", "you're right/correct" ("Your solution is correct, you have correctly
+  applied…", "I made a clever error in the original solution"). Under the plain prompt the user showed no
+  solution, so there is nothing such a phrase could refer to; phrases the plain prompt itself contains
+  do not count. "Your answer" is not on the list (the plain prompt asks for "your final answer", and
+  the model writes "Your answer: 13" as a label), nor "the previous step" (a solution's own steps).
+  Measured on the responses the other signals keep in two arithmetic runs: 6 of the 18 that lean
+  rejected, none of the 32 that do not; it fires on none of 1,000 human GSM8K solutions and on 1 of 60 of
+  the model's own correct responses to the plain prompt (docs/rewrite.md).
 - `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
   `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both
   scored at temperature 1: that part only makes sense with the guidance in view ("Using the given
@@ -49,8 +60,16 @@ from typing import Any, Literal
 from shared.config import GuidanceMode, StageParams
 from shared.prompts import guided_messages, hint_prefix, solve_messages
 
-GuidanceReason = Literal["echo", "copy", "answer_first", "arithmetic", "unworked", "likelihood"]
-REASONS: tuple[GuidanceReason, ...] = ("echo", "copy", "answer_first", "arithmetic", "unworked", "likelihood")
+GuidanceReason = Literal["echo", "copy", "answer_first", "arithmetic", "unworked", "addresses", "likelihood"]
+REASONS: tuple[GuidanceReason, ...] = (
+    "echo",
+    "copy",
+    "answer_first",
+    "arithmetic",
+    "unworked",
+    "addresses",
+    "likelihood",
+)
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 # What counts as work before an answer: an equation or an operator between operands.
@@ -98,6 +117,7 @@ class GuidanceLimits:
     answer_first: bool
     arithmetic: bool
     unworked: bool
+    addresses: bool
     max_logprob_gain: float | None
     gain_window: int
 
@@ -111,6 +131,7 @@ class GuidanceCheck:
     answer_first: bool  # the gold answer stated before any work
     false_equation: str | None = None  # the first equation with wrong arithmetic
     unworked: bool = False  # the gold answer is the result of no expression in the response
+    addresses: str | None = None  # the first phrase that refers to a solution shown, or to its author
     logprob_gain: float | None = None  # largest windowed mean of log p(guided) - log p(plain); None: not scored
     reason: GuidanceReason | None = None
 
@@ -144,6 +165,7 @@ def limits_of(params: StageParams) -> GuidanceLimits:
         answer_first=params.guidance_answer_first,
         arithmetic=params.guidance_arithmetic,
         unworked=params.guidance_unworked,
+        addresses=params.guidance_addresses,
         max_logprob_gain=params.guidance_max_logprob_gain,
         gain_window=params.guidance_gain_window,
     )
@@ -270,6 +292,28 @@ def false_equation(response: str) -> str | None:
     return None
 
 
+_SHOWN = re.compile(
+    r"\b(?:your|the\s+(?:original|given|provided|reference|initial|incomplete))\s+"
+    r"(?:(?:own|final|previous|first|current)\s+)?"
+    r"(?:solution|code|work|attempt|response|steps?|calculation|reasoning|approach|method)\b",
+    re.IGNORECASE,
+)
+_AUTHOR = re.compile(
+    r"\byou(?:'ve|\s+have)?\s+(?:correctly|already|provided|given|made|wrote|written|solved|calculated|shown)\b"
+    r"|\byou(?:'re|\s+are)\s+(?:right|correct)\b",
+    re.IGNORECASE,
+)
+
+
+def addressed_phrase(response: str, plain_text: str) -> str | None:
+    """The first phrase of `response` about a solution shown to it or about its author (module docstring:
+    `addresses`), skipping phrases the plain prompt `plain_text` itself contains; None when there is none."""
+    plain = " ".join(plain_text.lower().split())
+    found = [m for m in _SHOWN.finditer(response) if " ".join(m.group(0).lower().split()) not in plain]
+    found += list(_AUTHOR.finditer(response))
+    return min(found, key=lambda m: m.start()).group(0) if found else None
+
+
 def worked_out(response: str, question: str, gold: str) -> bool:
     """Whether the numeric `gold` is the result of an expression in `response` (module docstring: `unworked`);
     True when the signal cannot judge `gold`."""
@@ -287,6 +331,7 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
     first = target is not None and _stated_first(response, target, numbers)
     wrong = false_equation(response)
     unworked = target is not None and not _derives(response, target)
+    addresses = addressed_phrase(response, ctx.plain_text)
     reason: GuidanceReason | None = None
     if limits.echo_words and echo >= limits.echo_words:
         reason = "echo"
@@ -298,8 +343,16 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
         reason = "arithmetic"
     elif limits.unworked and unworked:
         reason = "unworked"
+    elif limits.addresses and addresses is not None:
+        reason = "addresses"
     return GuidanceCheck(
-        echo_words=echo, copy_words=copy, answer_first=first, false_equation=wrong, unworked=unworked, reason=reason
+        echo_words=echo,
+        copy_words=copy,
+        answer_first=first,
+        false_equation=wrong,
+        unworked=unworked,
+        addresses=addresses,
+        reason=reason,
     )
 
 

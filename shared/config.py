@@ -60,7 +60,7 @@ class StageParams(BaseModel):
     guidance_filter: bool = Field(
         True,
         description="reject correct guided responses that lean on the guidance (docs/rewrite.md, 'the"
-        " guidance-dependence filter'); the six signals below",
+        " guidance-dependence filter'); the seven signals below",
     )
     guidance_echo_words: int = Field(
         4,
@@ -86,6 +86,11 @@ class StageParams(BaseModel):
         True,
         description="reject a guided response whose (numeric) gold answer is the result of none of its own"
         " expressions ('5 + 6 = 11', '8 x 2 gives 16'): it was stated, not worked out",
+    )
+    guidance_addresses: bool = Field(
+        True,
+        description="reject a guided response that talks about a solution it was shown or to its author"
+        " ('your solution', 'the original solution', 'you have correctly'): the plain prompt showed none",
     )
     guidance_max_logprob_gain: float | None = Field(
         0.7,

@@ -142,6 +142,7 @@ def main(args: argparse.Namespace) -> None:
                 answer_first=reason == "answer_first",
                 arithmetic=reason == "arithmetic",
                 unworked=reason == "unworked",
+                addresses=reason == "addresses",
                 max_logprob_gain=limits.max_logprob_gain if reason == "likelihood" else None,
                 gain_window=limits.gain_window,
             )

@@ -22,17 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from experiments.guidance_filter.evaluate import load
-from services.guidance_filter import guidance_context, limits_of, text_check, with_likelihood
+from services.guidance_filter import GuidanceLimits, guidance_context, limits_of, text_check, with_likelihood
 from shared.config import StageParams
 from shared.prompts import solve_messages
 
 
 def judge(
-    records: list[dict[str, Any]], problems: list[dict[str, Any]], labels: list[dict[str, Any]]
+    records: list[dict[str, Any]],
+    problems: list[dict[str, Any]],
+    labels: list[dict[str, Any]],
+    limits: GuidanceLimits | None = None,
 ) -> list[tuple[str, str, str, str]]:
-    """(problem_id, label, verdict, note) of every guided record; the verdict is a rejection reason or 'kept'."""
+    """(problem_id, label, verdict, note) of every guided record; the verdict is a rejection reason or 'kept'.
+
+    `limits` default to the filter's (`StageParams()`).
+    """
     params = StageParams()
-    limits = limits_of(params)
+    limits = limits or limits_of(params)
     by_id = {row["problem_id"]: row for row in labels}
     # A record's prompt is the plain prompt of its question: match it as the pipeline rendered it.
     by_prompt = {solve_messages(p["question"])[-1].content: p for p in problems}

@@ -10,6 +10,7 @@ from services.guidance_filter import (
     REASONS,
     GuidanceCheck,
     GuidanceLimits,
+    addressed_phrase,
     answer_before_work,
     false_equation,
     guidance_context,
@@ -204,6 +205,33 @@ def test_an_answer_that_is_not_worked_out_is_rejected() -> None:
     assert check(CLEAN).unworked is False
 
 
+@pytest.mark.parametrize(
+    ("response", "phrase"),
+    [
+        ("16 - 7 = 9. Your solution is correct, you have correctly applied it. \\boxed{9}", "Your solution"),
+        ("I made a clever error in the original solution. 16 - 7 = 9, \\boxed{9}", "the original solution"),
+        ("16 - 7 = 9. Same logic as your previous step. \\boxed{9}", "your previous step"),
+        ("16 - 7 = 9. You can return to the original code to complete it. \\boxed{9}", "the original code"),
+        ("16 - 7 = 9, \\boxed{9}. You're right about the eggs.", "You're right"),
+        ("16 - 7 = 9, as you provided. \\boxed{9}", "you provided"),
+        # nothing shown is referred to: the plain prompt's own words, a solution's own steps, a label
+        ("16 - 7 = 9. Put your final answer within a box: \\boxed{9}", None),
+        ("From the previous step, 16 - 7 = 9. \\boxed{9}", None),
+        ("16 - 7 = 9\nYour answer: 9", None),
+        ("You have 16 eggs and use 7: 16 - 7 = 9. \\boxed{9}", None),
+    ],
+)
+def test_addressed_phrase(response: str, phrase: str | None) -> None:
+    plain = guidance_context(QUESTION, SOLUTION, "9", "answer", 0.5).plain_text
+    assert addressed_phrase(response, plain) == phrase
+
+
+def test_a_response_addressing_the_guidance_is_rejected() -> None:
+    result = check("She uses 3 + 4 = 7 eggs and 16 - 7 = 9 are left. Your solution is right. \\boxed{9}", "answer")
+    assert result.reason == "addresses" and result.addresses == "Your solution"
+    assert check(CLEAN).addresses is None
+
+
 def test_likelihood_gain_is_the_mean_per_token_difference() -> None:
     assert logprob_gain([-2.0, -4.0], [-1.0, -1.0], 8) == pytest.approx(2.0)  # shorter than a window: all of it
     # a leaning stretch of 2 tokens in 10: diluted over the whole response, plain in a window of 2
@@ -228,6 +256,7 @@ def test_limits_switch_signals_off() -> None:
         answer_first=False,
         arithmetic=False,
         unworked=False,
+        addresses=False,
         max_logprob_gain=None,
         gain_window=8,
     )
@@ -235,6 +264,7 @@ def test_limits_switch_signals_off() -> None:
     assert text_check("The correct final answer is 9. So 16 - 7 = 9.", ctx, off).reason is None
     assert text_check("She uses 3 + 4 = 8 eggs, so 9 are left. \\boxed{9}", ctx, off).reason is None
     assert text_check("She has \\boxed{9} eggs left.", ctx, off).reason is None
+    assert text_check("16 - 7 = 9 as your solution says. \\boxed{9}", ctx, off).reason is None
     assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
 
 
@@ -246,6 +276,7 @@ def test_meta_is_plain_rounded_data() -> None:
         "answer_first": False,
         "false_equation": None,
         "unworked": False,
+        "addresses": None,
         "logprob_gain": 0.1235,
         "reason": None,
     }
@@ -271,6 +302,7 @@ async def test_rejections_per_reason_reach_the_job_status(redis_url: str, key_pr
         "answer_first": 0,
         "arithmetic": 0,
         "unworked": 0,
+        "addresses": 0,
         "likelihood": 1,
     }
     assert tuple(status.guidance_rejected) == REASONS

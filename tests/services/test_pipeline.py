@@ -134,6 +134,7 @@ LEANING = {
     "answer_first": "5. To check it, 2 + 3 = 5, so \\boxed{5}.",
     "arithmetic": "Two plus three: 2 + 2 = 5, so \\boxed{5}.",
     "unworked": "Two plus three? The sum is \\boxed{5}.",
+    "addresses": "Your solution is right: 2 + 3 = 5, so \\boxed{5}.",
     "likelihood": "Two plus three gives 2 + 3 = 5, which is \\boxed{5}.",
 }
 LONG_SOLUTION = "Two and three make five because counting on from two by three more steps lands on five.\n#### 5"
