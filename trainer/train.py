@@ -69,9 +69,9 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step on the global batch `items` (identical on every rank); returns global statistics.
 
-    On a GPU nothing in the step waits for the device until the statistics are read at its end: the
-    sums stay on the device, and the host-side reads (which rows need sampled log-probs) use the CPU
-    copy of the batch.
+    On a GPU this code does not wait for the device until the statistics are read at its end: the sums
+    stay on the device, and the host-side reads (which rows need sampled log-probs) use the CPU copy of
+    the batch. (DeepSpeed's step and the optimizer synchronise on their own.)
     """
     accum, micro = cfg.grad_accum_for(dist.world), cfg.micro_batch_size
     # Every rank holds the whole global batch, so the global token count needs no communication.

@@ -170,6 +170,14 @@ def loop(
         run.policy = http.get("/v1/policy").json()
         version, run.probe_after = _probe(http)
         assert version == published
+
+        # The online job keeps sampling under each loaded policy; on a slow machine the reload can come
+        # just before the snapshot below, so wait for the first example stamped with a published version.
+        def made_under_a_published_policy() -> bool:
+            recent = r.xrevrange(keys.examples, count=50)
+            return any(Example.model_validate_json(f[b"data"]).policy_version > 0 for _, f in recent)
+
+        _wait("an example made under a published policy", sup, made_under_a_published_policy, 300, allow_exit=DONE)
         http.post(f"/v1/jobs/{job_id}/cancel")
         run.stream_versions = [
             Example.model_validate_json(fields[b"data"]).policy_version for _, fields in r.xrange(keys.examples)
