@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.guidance_filter.evaluate import load, verdicts
-from experiments.guidance_filter.rejudge import judge
+from experiments.guidance_filter.rejudge import LABELLED_RUNS, kept_guided, print_added
 from services import guidance_filter as gf
 from shared.config import StageParams
 from shared.prompts import solve_messages
@@ -34,10 +34,6 @@ from shared.schema import Problem
 
 HERE = Path(__file__).parent
 GSM8K = HERE.parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-RUNS = (
-    ("spotcheck_arith", "../arith-smollm2-135m/run/rewritten.jsonl", "../arith-smollm2-135m/run/data/train.jsonl"),
-    ("spotcheck_arith_final", "spotcheck_arith_final/out.jsonl", "spotcheck_arith_final/problems.jsonl"),
-)
 # the filter as it was before this signal: what `addresses` is measured against
 BEFORE = replace(gf.limits_of(StageParams()), addresses=False)
 
@@ -49,19 +45,14 @@ def addressed(response: str, question: str) -> str | None:
 
 def spot_checks() -> None:
     """What the signal adds to the six earlier signals on the labelled real-run records they keep."""
-    for folder, records, problems in RUNS:
-        recs, probs = load(HERE / records), load(HERE / problems)
-        by_prompt = {solve_messages(p["question"])[-1].content: p for p in probs}
-        guided = [r for r in recs if r["stage"] == "guided"]
-        rows = judge(recs, probs, load(HERE / folder / "labels.jsonl"), BEFORE)  # one row per guided record
-        kept = [(r, label) for r, (_, label, verdict, _) in zip(guided, rows, strict=True) if verdict == "kept"]
-        flagged = []
-        for r, label in kept:
-            question = by_prompt[r["prompt"][-1]["content"]]["question"]
-            found = addressed(r["completion"][-1]["content"], question)
-            if found:
-                flagged.append((r["problem_id"], label, found))
-        _print_added(folder, [label for _, label in kept], flagged)
+    for folder, records, problems in LABELLED_RUNS:
+        kept = kept_guided(folder, records, problems, BEFORE)
+        flagged = [
+            (r["problem_id"], label, found)
+            for r, label, question in kept
+            if (found := addressed(r["completion"][-1]["content"], question))
+        ]
+        print_added(f"{folder} (six earlier signals)", "`addresses`", [label for _, label, _ in kept], flagged)
 
 
 def labelled_set() -> None:
@@ -75,16 +66,13 @@ def labelled_set() -> None:
     print(f"labelled set, alone on all {len(rows)}: catches {caught_lean} of {len(lean)} leaning; flags clean: {false}")
     correct = [r for r in rows if r.get("correct", True)]
     kept = [r for r, v in zip(correct, verdicts(correct, problems, BEFORE), strict=True) if not v["reason"]]
-    _print_added(
-        "labelled set",
-        [r["label"] for r in kept],
-        [(r["id"], r["label"], hits[r["id"]]) for r in kept if hits[r["id"]]],
-    )
+    flagged = [(r["id"], r["label"], hits[r["id"]]) for r in kept if hits[r["id"]]]
+    print_added("labelled set (six earlier signals)", "`addresses`", [r["label"] for r in kept], flagged)
 
 
 def self_responses() -> None:
     """How often it fires on the model's own correct responses to the plain prompt (nothing was shown)."""
-    for _, records, problems in RUNS:
+    for folder, records, problems in LABELLED_RUNS:
         recs, probs = load(HERE / records), load(HERE / problems)
         by_prompt = {solve_messages(p["question"])[-1].content: p for p in probs}
         own = [r for r in recs if r["stage"] == "self"]
@@ -93,14 +81,7 @@ def self_responses() -> None:
             for r in own
             if (found := addressed(r["completion"][-1]["content"], by_prompt[r["prompt"][-1]["content"]]["question"]))
         ]
-        print(f"self responses of {records}: {len(flagged)} of {len(own)} flagged {flagged[:6]}")
-
-
-def _print_added(name: str, labels: list[str], flagged: list[tuple[str, str, str | None]]) -> None:
-    lean = sum(label == "lean" for label in labels)
-    print(f"{name}: the six earlier signals keep {len(labels)} ({lean} lean); `addresses` rejects:")
-    for pid, label, found in flagged:
-        print(f"  {pid:>14} {label:<5} {found}")
+        print(f"self responses of {folder}: {len(flagged)} of {len(own)} flagged {flagged[:6]}")
 
 
 def gsm8k_references(n: int = 1000) -> None:

@@ -59,6 +59,38 @@ def judge(
     return rows
 
 
+HERE = Path(__file__).parent
+# The labelled arithmetic runs whose kept guided records candidate signals are measured on:
+# (folder holding labels.jsonl, the run's records, its problems), relative to this folder.
+LABELLED_RUNS = (
+    ("spotcheck_arith", "../arith-smollm2-135m/run/rewritten.jsonl", "../arith-smollm2-135m/run/data/train.jsonl"),
+    ("spotcheck_arith_final", "spotcheck_arith_final/out.jsonl", "spotcheck_arith_final/problems.jsonl"),
+)
+
+
+def kept_guided(
+    folder: str, records: str, problems: str, limits: GuidanceLimits | None = None
+) -> list[tuple[dict[str, Any], str, str]]:
+    """(record, label, question) of every guided record of a labelled run that the filter with `limits` keeps."""
+    recs, probs = load(HERE / records), load(HERE / problems)
+    by_prompt = {solve_messages(p["question"])[-1].content: p for p in probs}
+    guided = [r for r in recs if r["stage"] == "guided"]
+    rows = judge(recs, probs, load(HERE / folder / "labels.jsonl"), limits)  # one row per guided record
+    return [
+        (r, label, by_prompt[r["prompt"][-1]["content"]]["question"])
+        for r, (_, label, verdict, _) in zip(guided, rows, strict=True)
+        if verdict == "kept"
+    ]
+
+
+def print_added(name: str, signal: str, labels: list[str], flagged: list[tuple[str, str, Any]]) -> None:
+    """What a candidate `signal` would reject (id, label, evidence) among the `labels` a filter keeps."""
+    lean = sum(label == "lean" for label in labels)
+    print(f"{name}: the filter keeps {len(labels)} ({lean} lean); {signal} rejects:")
+    for pid, label, evidence in flagged:
+        print(f"  {pid:>14} {label:<5} {evidence}")
+
+
 def main(args: argparse.Namespace) -> None:
     rows = judge(load(args.records), load(args.problems), load(args.labels))
     for pid, label, verdict, note in rows:

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from experiments.guidance_filter.evaluate import load, verdicts
-from experiments.guidance_filter.rejudge import judge
+from experiments.guidance_filter.rejudge import LABELLED_RUNS, kept_guided, print_added
 from services import guidance_filter as gf
 from shared.config import StageParams
-from shared.prompts import solve_messages
 from shared.schema import Problem
 
 HERE = Path(__file__).parent
@@ -53,22 +52,14 @@ def unsupported(response: str, question: str, gold: str) -> list[float]:
 
 def spot_checks() -> None:
     """What the signal adds to the current filter on the labelled real-run records it keeps."""
-    for folder, records, problems in (
-        ("spotcheck_arith", "../arith-smollm2-135m/run/rewritten.jsonl", "../arith-smollm2-135m/run/data/train.jsonl"),
-        ("spotcheck_arith_final", "spotcheck_arith_final/out.jsonl", "spotcheck_arith_final/problems.jsonl"),
-    ):
-        recs, probs = load(HERE / records), load(HERE / problems)
-        by_prompt = {solve_messages(p["question"])[-1].content: p for p in probs}
-        guided = [r for r in recs if r["stage"] == "guided"]
-        rows = judge(recs, probs, load(HERE / folder / "labels.jsonl"))  # one row per guided record, in order
-        kept = [(r, label) for r, (_, label, verdict, _) in zip(guided, rows, strict=True) if verdict == "kept"]
-        flagged = []
-        for r, label in kept:
-            question = by_prompt[r["prompt"][-1]["content"]]["question"]
-            u = unsupported(r["completion"][-1]["content"], question, r["answer"])
-            if u:
-                flagged.append((r["problem_id"], label, u))
-        _print_added(folder, [label for _, label in kept], flagged)
+    for folder, records, problems in LABELLED_RUNS:
+        kept = kept_guided(folder, records, problems)
+        flagged = [
+            (r["problem_id"], label, u)
+            for r, label, question in kept
+            if (u := unsupported(r["completion"][-1]["content"], question, r["answer"]))
+        ]
+        print_added(folder, "unsupported", [label for _, label, _ in kept], flagged)
 
 
 def labelled_set() -> None:
@@ -85,14 +76,7 @@ def labelled_set() -> None:
         u = unsupported(r["text"], p.question, gold)
         if u:
             flagged.append((r["id"], r["label"], u))
-    _print_added("labelled set", [r["label"] for r in kept], flagged)
-
-
-def _print_added(name: str, labels: list[str], flagged: list[tuple[str, str, list[float]]]) -> None:
-    lean = sum(label == "lean" for label in labels)
-    print(f"{name}: the current filter keeps {len(labels)} ({lean} lean); unsupported would reject:")
-    for pid, label, numbers in flagged:
-        print(f"  {pid:>14} {label:<5} {numbers}")
+    print_added("labelled set", "unsupported", [r["label"] for r in kept], flagged)
 
 
 def gsm8k_references(n: int = 1000) -> None:
