@@ -120,7 +120,8 @@ def train_step(
     flat = torch.cat([sums, weight_max.reshape(1), norm.to(sums.device), gap.flatten()]).tolist()
     s = dict(zip(_SUMS, flat[: len(_SUMS)], strict=True))
     weight_max_value, norm_value = flat[len(_SUMS)], flat[len(_SUMS) + 1]
-    gap_rows = [flat[len(_SUMS) + 2 :][r * len(GAP_FIELDS) : (r + 1) * len(GAP_FIELDS)] for r in range(len(STAGES))]
+    gap_flat, width = flat[len(_SUMS) + 2 :], len(GAP_FIELDS)
+    gap_rows = [gap_flat[r * width : (r + 1) * width] for r in range(len(STAGES))]
     if grad_norm is None:
         ds_norm = engine.get_global_grad_norm()
         norm_value = float(ds_norm) if ds_norm is not None else math.nan
