@@ -13,7 +13,9 @@ from trainer.losses import (
     gap_sums,
     k3_kl,
     micro_batch_terms,
+    next_token_logprobs,
     normalised_ess,
+    sampling_logprobs,
     token_logprobs,
     token_weights,
 )
@@ -224,3 +226,31 @@ def test_gap_metrics_by_hand():
     assert m["self"]["is_ratio_ess"] == pytest.approx(9 / (2 * 5))
     assert m["self"]["is_seq_ratio_mean"] == pytest.approx(2.0) and m["self"]["is_seq_ratio_ess"] == 1.0
     assert m["expert"] == pytest.approx({"nll": math.log(5), "share_below_p": 0.0})
+
+
+def test_next_token_logprobs_equal_the_sliced_logits_with_the_same_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 4))
+    ours = next_token_logprobs(logits, targets)
+    sliced = token_logprobs(logits[:, :-1], targets)
+    assert ours.shape == (2, 4) and torch.allclose(ours, sliced)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_sliced,) = torch.autograd.grad(sliced.sum(), logits)
+    assert torch.allclose(g_ours, g_sliced) and not g_ours[:, -1].any()  # the last position gets no gradient
+
+
+def test_sampling_logprobs_reads_one_completion_span_per_row():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 9)  # one position more than the targets, as a causal LM returns
+    targets = torch.randint(0, 9, (2, 5))
+    logp = next_token_logprobs(logits, targets)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
+    temperature, top_p = torch.tensor([0.7, 1.0]), torch.tensor([1.0, 1.0])
+    out = sampling_logprobs(logits, logp, targets, mask, temperature, top_p, torch.tensor([True, True]))
+    tempered = torch.log_softmax(logits[0, 1:4] / 0.7, dim=-1).gather(-1, targets[0, 1:4, None]).squeeze(-1)
+    assert torch.allclose(out[0, 1:4], tempered) and out[0, 0] == 0 and out[0, 4] == 0
+    assert torch.allclose(out[1, 2:5], logp[1, 2:5])  # T = 1, no top-p: the training log-probs
+    gapped = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float32)
+    with pytest.raises(ValueError, match="row 0: completion positions are not one contiguous span"):
+        sampling_logprobs(logits, logp, targets, gapped, temperature, top_p, torch.tensor([True, False]))
