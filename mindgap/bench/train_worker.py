@@ -97,6 +97,27 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": seconds, "tokens": tokens, "torch_threads": torch.get_num_threads(), "matmul_gflops": gflops}
 
 
+def warm_up(spec: dict[str, Any]) -> dict[str, Any]:
+    """Float32 matmuls for `spec["seconds"]` on the device, so the first contender does not start on an idle
+    GPU's clocks; GFLOP/s per second of it, which shows whether (and how long) the device ramped up."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(4096, 4096, device=device)
+    b = torch.randn(4096, 4096, device=device)
+    per_second: list[float] = []
+    start = time.monotonic()
+    while time.monotonic() - start < float(spec["seconds"]):
+        t0, n = time.monotonic(), 0
+        while time.monotonic() - t0 < 1.0:
+            a @ b
+            n += 1
+            if device == "cuda":
+                torch.cuda.synchronize()
+        per_second.append(2 * 4096**3 * n / (time.monotonic() - t0) / 1e9)
+    return {"gflops_per_second": per_second}
+
+
 def trl(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL 1.16 `SFTTrainer`, `loss_type="dft"`, on the same pre-tokenized rows; `matched` overrides two defaults.
 
@@ -190,7 +211,7 @@ def main(argv: Sequence[str]) -> None:
     """Entry point: KIND SPEC RESULT."""
     kind, spec_path, result_path = argv
     spec = json.loads(Path(spec_path).read_text())
-    result = {"bare": bare, "trl": trl}[kind](spec)
+    result = {"bare": bare, "trl": trl, "warmup": warm_up}[kind](spec)
     tmp = Path(result_path).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, result_path)

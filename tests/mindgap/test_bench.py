@@ -233,3 +233,10 @@ def test_every_line_names_a_module_with_a_runner() -> None:
 
     for module in set(LINES.values()):
         assert callable(_runner(module)), module
+
+
+def test_gpu_warm_up_reports_throughput_per_second() -> None:
+    from mindgap.bench.train_worker import warm_up
+
+    result = warm_up({"seconds": 0.5})  # on this CPU: one second-long measurement
+    assert len(result["gflops_per_second"]) == 1 and result["gflops_per_second"][0] > 0

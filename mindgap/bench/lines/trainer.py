@@ -28,6 +28,7 @@ from shared.dataio import atomic_write_jsonl, read_problems
 from shared.schema import ChatMessage, Example, Stage, example_id
 
 TIMEOUT_S = 3600
+WARMUP_S = 20  # seconds of matmuls on a GPU before the first contender
 
 
 def make_data(model_dir: Path, gsm8k: Path, n: int, seq_len: int) -> tuple[list[Example], list[dict[str, Any]]]:
@@ -159,6 +160,12 @@ def run(
             ["mindgap.bench.train_worker", kind, str(spec_path), str(result)], result, work / f"{name}.log", TIMEOUT_S
         )
 
+    warm: dict[str, Any] | None = None
+    if cuda:
+        # mindgap runs first: on a GPU that has been idle its clocks may still be ramping up, which the one
+        # dropped warm-up step does not cover (seen once: its first 8 of 10 steps at 0.89 of the bare
+        # loop, the last 2 at 1.0). The warm-up's per-second GFLOP/s show whether the device ramped.
+        warm, _ = worker("warmup", "warmup", seconds=WARMUP_S)
     ours, ours_rss = mindgap_train(work, "mindgap-1", data, model_dir, batch, steps, seq_len, nproc=1)
     bare, bare_rss = worker("bare", "bare")
     mine = rate_stat(*timed(ours))
@@ -184,6 +191,7 @@ def run(
         # what `--zero-stage 2` runs as on 1 rank and on 2 (trainer.zero.effective_zero_stage)
         "zero_stage": {"1_rank": effective_zero_stage(2, 1), "2_ranks": effective_zero_stage(2, 2)},
         "skipped": [],
+        "gpu_warmup_gflops": warm["gflops_per_second"] if warm else None,
     }
     if importlib.util.find_spec("trl") is None:
         info["skipped"].append("TRL: not installed")
