@@ -12,7 +12,7 @@ import pytest
 from tests.support.trainer import ROOT, make_examples, read_metrics, run_train, train_argv, train_env, write_jsonl
 from trainer.checkpoint import STATE_FILE, check_layout, read_state, ready_versions
 from trainer.config import TrainerConfig
-from trainer.zero import ds_config, effective_zero_stage
+from trainer.zero import ds_config, effective_zero_stage, loop_clips
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,15 @@ def test_ds_config_one_rank_runs_zero2_as_stage0_two_ranks_keep_it() -> None:
     assert (two["train_batch_size"], two["gradient_accumulation_steps"]) == (4, 2)
     for key in ("gradient_clipping", "bf16", "train_micro_batch_size_per_gpu"):
         assert one[key] == two[key], key
+
+
+def test_fp32_stage0_clips_in_the_loop_and_everything_else_in_deepspeed() -> None:
+    fp32 = TrainerConfig(zero_stage=2, precision="fp32", grad_clip=0.5)
+    assert loop_clips(fp32, 1) and ds_config(fp32, 1)["gradient_clipping"] == 0.0  # stage 0: the loop clips
+    assert not loop_clips(fp32, 2) and ds_config(fp32, 2)["gradient_clipping"] == 0.5  # ZeRO-2
+    assert not loop_clips(fp32.model_copy(update={"zero_stage": 3}), 1)
+    bf16 = TrainerConfig(zero_stage=0, precision="bf16", grad_clip=0.5)
+    assert not loop_clips(bf16, 1) and ds_config(bf16, 1)["gradient_clipping"] == 0.5
 
 
 def test_ds_config_zero3_stays_on_one_rank() -> None:
