@@ -273,7 +273,16 @@ def _train_step(report: Report, records: list[Example], model: str, work: Path, 
         losses = [r["loss"] for r in rows if "loss" in r]
         if len(rows) < 2 or not all(map(math.isfinite, losses)):
             out["verdict"] = "FAIL"
-        out["detail"] = f"{len(rows)} steps, loss " + " → ".join(f"{x:.3f}" for x in losses)
+        # DFT weights each token's NLL by its probability: near 0 on a model that predicts nothing (random
+        # weights), so the plain NLL and the gradient norm are shown beside it.
+        out["detail"] = (
+            f"{len(rows)} steps, DFT loss "
+            + " → ".join(f"{x:.4g}" for x in losses)
+            + ", NLL "
+            + " → ".join(f"{r['nll']:.4g}" for r in rows)
+            + ", grad norm "
+            + " → ".join(f"{r['grad_norm']:.3g}" for r in rows)
+        )
 
 
 def _expert_records(model: str) -> list[Example]:
