@@ -117,7 +117,7 @@ def train_step(
     torch_dist.all_reduce(weight_max, op=torch_dist.ReduceOp.MAX)
     norm = grad_norm.double().reshape(1) if grad_norm is not None else torch.full((1,), math.nan, device=dist.device)
     # The one wait for the device in the step: every statistic comes back in one copy.
-    flat = torch.cat([sums, weight_max.reshape(1), norm.to(sums.device), gap.flatten()]).tolist()
+    flat = torch.cat([sums, weight_max.reshape(1), norm, gap.flatten()]).tolist()
     s = dict(zip(_SUMS, flat[: len(_SUMS)], strict=True))
     weight_max_value, norm_value = flat[len(_SUMS)], flat[len(_SUMS) + 1]
     gap_flat, width = flat[len(_SUMS) + 2 :], len(GAP_FIELDS)

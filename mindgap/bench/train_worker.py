@@ -23,29 +23,32 @@ def _batches(spec: dict[str, Any]) -> list[list[dict[str, Any]]]:
     return [items[i : i + b] for i in range(0, int(spec["steps"]) * b, b)]
 
 
-def matmul_gflops(dtype_name: str, autocast: bool = False) -> float:
-    """GFLOP/s of one SmolLM2-shaped matmul (256 tokens × 576 → 1536) in `dtype_name`, on this device."""
+def matmul_gflops(
+    dtype_name: str, autocast: bool = False, shape: tuple[int, int, int] = (256, 576, 1536), repeats: int = 30
+) -> float:
+    """GFLOP/s of an `m × k → n` matmul (default SmolLM2-shaped: 256 tokens × 576 → 1536) in `dtype_name`,
+    on this device, over `repeats` products after 3 warm-up ones."""
     import torch
 
+    m, k, n = shape
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)
-    x = torch.randn(256, 576, device=device)
-    w = torch.randn(576, 1536, device=device)
+    x = torch.randn(m, k, device=device)
+    w = torch.randn(k, n, device=device)
     if not autocast:
         x, w = x.to(dtype), w.to(dtype)
     with torch.autocast(device, dtype=dtype, enabled=autocast):
         for _ in range(3):
             x @ w
-        n = 30
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.monotonic()
-        for _ in range(n):
+        for _ in range(repeats):
             x @ w
         if device == "cuda":
             torch.cuda.synchronize()
-        seconds = (time.monotonic() - start) / n
-    return 2 * 256 * 576 * 1536 / seconds / 1e9
+        seconds = (time.monotonic() - start) / repeats
+    return 2 * m * k * n / seconds / 1e9
 
 
 def bare_step(model_path: str) -> Callable[[list[dict[str, Any]]], int]:
@@ -98,24 +101,15 @@ def bare(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def warm_up(spec: dict[str, Any]) -> dict[str, Any]:
-    """Float32 matmuls for `spec["seconds"]` on the device, so the first contender does not start on an idle
-    GPU's clocks; GFLOP/s per second of it, which shows whether (and how long) the device ramped up."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(4096, 4096, device=device)
-    b = torch.randn(4096, 4096, device=device)
-    per_second: list[float] = []
+    """Float32 `size³` matmuls (default 4096) for `spec["seconds"]` on the device, so the first contender does
+    not start on an idle GPU's clocks; the GFLOP/s of each measurement in order, which show whether (and
+    how long) the device ramped up."""
+    size = int(spec.get("size", 4096))
+    gflops: list[float] = []
     start = time.monotonic()
     while time.monotonic() - start < float(spec["seconds"]):
-        t0, n = time.monotonic(), 0
-        while time.monotonic() - t0 < 1.0:
-            a @ b
-            n += 1
-            if device == "cuda":
-                torch.cuda.synchronize()
-        per_second.append(2 * 4096**3 * n / (time.monotonic() - t0) / 1e9)
-    return {"gflops_per_second": per_second}
+        gflops.append(matmul_gflops("float32", shape=(size, size, size)))
+    return {"gflops": gflops}
 
 
 def trl(spec: dict[str, Any]) -> dict[str, Any]:

@@ -235,8 +235,8 @@ def test_every_line_names_a_module_with_a_runner() -> None:
         assert callable(_runner(module)), module
 
 
-def test_gpu_warm_up_reports_throughput_per_second() -> None:
+def test_gpu_warm_up_reports_throughput_over_its_seconds() -> None:
     from mindgap.bench.train_worker import warm_up
 
-    result = warm_up({"seconds": 0.5})  # on this CPU: one second-long measurement
-    assert len(result["gflops_per_second"]) == 1 and result["gflops_per_second"][0] > 0
+    result = warm_up({"seconds": 0.3, "size": 256})
+    assert len(result["gflops"]) >= 1 and all(g > 0 for g in result["gflops"])

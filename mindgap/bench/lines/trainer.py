@@ -164,7 +164,7 @@ def run(
     if cuda:
         # mindgap runs first: on a GPU that has been idle its clocks may still be ramping up, which the one
         # dropped warm-up step does not cover (seen once: its first 8 of 10 steps at 0.89 of the bare
-        # loop, the last 2 at 1.0). The warm-up's per-second GFLOP/s show whether the device ramped.
+        # loop, the last 2 at 1.0). The warm-up's GFLOP/s over time show whether the device ramped.
         warm, _ = worker("warmup", "warmup", seconds=WARMUP_S)
     ours, ours_rss = mindgap_train(work, "mindgap-1", data, model_dir, batch, steps, seq_len, nproc=1)
     bare, bare_rss = worker("bare", "bare")
@@ -191,7 +191,7 @@ def run(
         # what `--zero-stage 2` runs as on 1 rank and on 2 (trainer.zero.effective_zero_stage)
         "zero_stage": {"1_rank": effective_zero_stage(2, 1), "2_ranks": effective_zero_stage(2, 2)},
         "skipped": [],
-        "gpu_warmup_gflops": warm["gflops_per_second"] if warm else None,
+        "gpu_warmup_gflops": warm["gflops"] if warm else None,
     }
     if importlib.util.find_spec("trl") is None:
         info["skipped"].append("TRL: not installed")
