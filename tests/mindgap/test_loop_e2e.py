@@ -27,7 +27,7 @@ import redis
 
 from mindgap.redis_server import RedisServer, free_port
 from mindgap.up import ChildSpec, Supervisor
-from shared.keys import Keys
+from shared.keys import TRAINER_GROUP, Keys
 from shared.schema import Example
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample.jsonl"
 API_KEY = "e2e-key"
 TRAIN_STEPS = 3
+MAX_LAG = 16
 DONE = ("trainer",)  # after the fixture, the trainer has finished its steps (exit 0)
 # one problem that always ends in the expert stage: its example carries the policy's log-probs of a
 # fixed response on a fixed prompt, a deterministic read-out of the weights being served
@@ -125,7 +126,15 @@ def loop(
             ChildSpec(
                 "service",
                 _cli("serve", "--host", "127.0.0.1", "--port", str(port), "--model", str(tiny_model_dir)),
-                {**common, **_engine_env(), "MINDGAP_API_KEYS": API_KEY, "MINDGAP_ADMIN_KEYS": API_KEY},
+                # a bound like `mindgap up`'s: the job runs at most MAX_LAG examples ahead of the trainer, so
+                # the engine does not hold both cores for minutes while the trainer starts
+                {
+                    **common,
+                    **_engine_env(),
+                    "MINDGAP_API_KEYS": API_KEY,
+                    "MINDGAP_ADMIN_KEYS": API_KEY,
+                    "MINDGAP_MAX_LAG": str(MAX_LAG),
+                },
             )
         )
 
@@ -171,8 +180,11 @@ def loop(
         version, run.probe_after = _probe(http)
         assert version == published
 
-        # The online job keeps sampling under each loaded policy; on a slow machine the reload can come
-        # just before the snapshot below, so wait for the first example stamped with a published version.
+        # The online job keeps sampling under each loaded policy, but the trainer has stopped reading and the
+        # job is held back at MAX_LAG unread examples. Read what the trainer left, as its next run would; the
+        # job resumes under the version now served, so wait for the first example stamped with it.
+        r.xreadgroup(TRAINER_GROUP, "e2e-drain", {keys.examples: ">"}, count=100 * MAX_LAG)
+
         def made_under_a_published_policy() -> bool:
             recent = r.xrevrange(keys.examples, count=50)
             return any(Example.model_validate_json(f[b"data"]).policy_version > 0 for _, f in recent)
