@@ -1,7 +1,7 @@
 """The guidance-dependence filter: whether a correct guided response stands on its own.
 
 A guided response is trained on under the plain prompt, as if the policy had solved the problem. One
-that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Seven signals,
+that leans on the guidance it was shown teaches the wrong thing, so stage 2 rejects it. Eight signals,
 each a pure function here, with thresholds in `StageParams` (defaults measured on the labelled set in
 experiments/guidance_filter/, see docs/rewrite.md):
 
@@ -15,11 +15,15 @@ experiments/guidance_filter/, see docs/rewrite.md):
   ("15 To solve the problem, 7 + 8 = 15…", "Since the answer is 10, 3 + 7…"). A response that only
   concludes with its answer ("Adding two and three gives 5.") is not caught. Checked for numeric gold
   answers that do not occur in the question.
-- `arithmetic`: it writes an equation whose arithmetic is wrong ("8 - 6 = 4", "36 / 4.5 = 7.5") and still
-  lands on the gold answer: the answer did not come from its own working, so it came from the guidance
-  (measured: 4 of the 9 guided responses the other signals kept in a GSM8K spot run, and none of the
-  40 correct labelled responses). Only chains of numbers and + - * x × / ÷ without brackets are
-  checked, each against the precision its result is written with ("10 / 3 = 3.33" holds).
+- `arithmetic`: it writes an equation whose arithmetic is wrong ("8 - 6 = 4", "36 / 4.5 = 7.5", result
+  first "11 = 11/5", in words "42 is indeed 13") and still lands on the gold answer: the answer did not
+  come from its own working, so it came from the guidance (measured: 4 of the 9 guided responses the
+  other signals kept in a GSM8K spot run, and none of the 40 correct labelled responses; the two later
+  forms 2 of the 20 leaning responses the seven other signals kept in three labelled arithmetic runs,
+  none of the 48 clean ones, none of 7,473 human GSM8K solutions, 1 of the model's 122 correct
+  self-stage responses, which does write "7 = 8 + 1"). Only chains of numbers and
+  + - * x × / ÷ without brackets are checked, each against the precision its result is written with
+  ("10 / 3 = 3.33" holds).
 - `unworked`: the gold answer is never the result of the response's own working: it follows no `=`
   ("16 - 7 = 9", "3^2 = 9", "x = 9", "= \\boxed{9}") and no expression `a op b …` followed by "is",
   "equals", "gives" or "makes" ("16 - 7 gives 9"). "The answer is 14." alone, or "Tara now has 9
@@ -38,6 +42,12 @@ experiments/guidance_filter/, see docs/rewrite.md):
   Measured on the responses the other signals keep in two arithmetic runs: 6 of the 18 that lean
   rejected, none of the 32 that do not; it fires on none of 1,000 human GSM8K solutions and on 1 of 60 of
   the model's own correct responses to the plain prompt (docs/rewrite.md).
+- `other_answer`: it states an answer (`\\boxed{}` or an answer phrase, as grading reads them) that is a
+  number other than the numeric gold one it was graded on ("The answer is 2. … Final answer: 6"): it
+  contradicts itself, so the answer it ends on did not come from the working before it. Measured: 1 of
+  the 20 leaning responses kept in the same three runs, none of the 48 clean ones, none of 7,473 human
+  GSM8K solutions, 1 of 122 of the model's own correct responses to the plain prompt (one that does
+  contradict itself: "6 + 7 = 11 + 1 = 22. The answer is 22. … the final answer is 13").
 - `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
   `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both
   scored at temperature 1: that part only makes sense with the guidance in view ("Using the given
@@ -58,9 +68,12 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from shared.config import GuidanceMode, StageParams
+from shared.grading import stated_answers
 from shared.prompts import guided_messages, hint_prefix, solve_messages
 
-GuidanceReason = Literal["echo", "copy", "answer_first", "arithmetic", "unworked", "addresses", "likelihood"]
+GuidanceReason = Literal[
+    "echo", "copy", "answer_first", "arithmetic", "unworked", "addresses", "other_answer", "likelihood"
+]
 REASONS: tuple[GuidanceReason, ...] = (
     "echo",
     "copy",
@@ -68,6 +81,7 @@ REASONS: tuple[GuidanceReason, ...] = (
     "arithmetic",
     "unworked",
     "addresses",
+    "other_answer",
     "likelihood",
 )
 
@@ -87,6 +101,21 @@ MAX_OPERATORS = 20
 _EXPRESSION = rf"{_OPERAND}(?:\s*(?:{_OPERATOR})\s*{_OPERAND}){{1,{MAX_OPERATORS}}}"
 _START = r"(?<![\w.,$/-])"  # not mid-number, nor after a minus sign or a letter
 _EQUATION = re.compile(rf"{_START}({_EXPRESSION})\s*=\s*({_OPERAND})(?!\w)")
+# The same chain written result first ("11 = 11/5"), and a number or chain said in words to equal a number
+# ("42 is indeed 13", "6 * 7 equals 13"). Nothing that continues the chain may follow the right side (an
+# operator, `=`, a bracket, more digits), and `_CONTINUED` checks the left side starts the statement.
+_END = rf"(?!\w|\.\d|\s*(?:=|{_OPERATOR}|\(|\^))"
+_REVERSED = re.compile(rf"{_START}({_OPERAND})\s*=\s*({_EXPRESSION}){_END}")
+_CLAIM = re.compile(
+    rf"{_START}({_OPERAND}(?:\s*(?:{_OPERATOR})\s*{_OPERAND}){{0,{MAX_OPERATORS}}})"
+    rf"\s+(?:equals|is\s+equal\s+to|is\s+indeed|is\s+the\s+same\s+as)\s+({_OPERAND}){_END}",
+    re.IGNORECASE,
+)
+# the left side continues an expression, in symbols or words ("30 plus 28 plus 26 equals 84")
+_CONTINUED = re.compile(rf"(?:=|{_OPERATOR}|\(|\b(?:plus|minus|times|by|of|and))\s*$", re.IGNORECASE)
+# a lone fraction, or a percentage, said to equal an amount names a share of something ("4/7 is equal to
+# $24": of her money; "80% is equal to $500")
+_FRACTION = re.compile(rf"{_OPERAND}\s*/\s*{_OPERAND}")
 _TOKEN = re.compile(rf"{_OPERAND}|{_OPERATOR}")
 # The `unworked` signal's derivations: `=`, or an expression (a closing bracket may end it) and a verb of
 # result, then the result, possibly boxed or negative: "= 9", "= \\boxed{9}", "(3 + 4) is 7", "2 - 5 = -3".
@@ -118,6 +147,7 @@ class GuidanceLimits:
     arithmetic: bool
     unworked: bool
     addresses: bool
+    other_answer: bool
     max_logprob_gain: float | None
     gain_window: int
 
@@ -132,6 +162,7 @@ class GuidanceCheck:
     false_equation: str | None = None  # the first equation with wrong arithmetic
     unworked: bool = False  # the gold answer is the result of no expression in the response
     addresses: str | None = None  # the first phrase that refers to a solution shown, or to its author
+    other_answer: str | None = None  # the first answer the response states that is not the gold one
     logprob_gain: float | None = None  # largest windowed mean of log p(guided) - log p(plain); None: not scored
     reason: GuidanceReason | None = None
 
@@ -166,6 +197,7 @@ def limits_of(params: StageParams) -> GuidanceLimits:
         arithmetic=params.guidance_arithmetic,
         unworked=params.guidance_unworked,
         addresses=params.guidance_addresses,
+        other_answer=params.guidance_other_answer,
         max_logprob_gain=params.guidance_max_logprob_gain,
         gain_window=params.guidance_gain_window,
     )
@@ -275,21 +307,38 @@ def _evaluate(tokens: Sequence[str]) -> float | None:
 
 
 def false_equation(response: str) -> str | None:
-    """The first equation of `response` whose arithmetic is wrong, or None (module docstring: `arithmetic`).
+    """The first equation of `response` whose arithmetic is wrong, or None (module docstring: `arithmetic`):
+    `a op b = r`, then `r = a op b`, then an equality in words.
 
     A result counts as right when it matches to the precision it is written with: "10 / 3 = 3.33" and
     "7 / 2 = 3.5" hold, "1 / 3 = 0.5" does not.
     """
     for m in _EQUATION.finditer(response):
-        value = _evaluate(_TOKEN.findall(m.group(1)))
-        result = m.group(2)
-        if value is None:
-            continue
-        decimals = len(result.rstrip("%").partition(".")[2])
-        tolerance = 0.5 * 10.0**-decimals * (0.01 if result.endswith("%") else 1.0)
-        if abs(value - _operand(result)) > tolerance + 1e-9 * abs(value):
+        if _wrong(m.group(1), m.group(2)):
+            return m.group(0)
+    for m in _REVERSED.finditer(response):
+        if not _continued(response, m.start()) and _wrong(m.group(2), m.group(1)):
+            return m.group(0)
+    for m in _CLAIM.finditer(response):
+        left, right = m.group(1), m.group(2)
+        share = _FRACTION.fullmatch(left) is not None or left.endswith("%") != right.endswith("%")
+        if not share and not _continued(response, m.start()) and _wrong(left, right):
             return m.group(0)
     return None
+
+
+def _continued(response: str, start: int) -> bool:
+    return _CONTINUED.search(response[max(0, start - 16) : start]) is not None
+
+
+def _wrong(expression: str, result: str) -> bool:
+    """Whether `expression` does not come to the written `result` at the precision `result` is written with."""
+    value = _evaluate(_TOKEN.findall(expression))
+    if value is None:
+        return False
+    decimals = len(result.rstrip("%").partition(".")[2])
+    tolerance = 0.5 * 10.0**-decimals * (0.01 if result.endswith("%") else 1.0)
+    return abs(value - _operand(result)) > tolerance + 1e-9 * abs(value)
 
 
 _SHOWN = re.compile(
@@ -314,6 +363,19 @@ def addressed_phrase(response: str, plain_text: str) -> str | None:
     return min(found, key=lambda m: m.start()).group(0) if found else None
 
 
+def other_answer(response: str, gold: str) -> str | None:
+    """The first answer `response` states (`\\boxed{}` or an answer phrase, shared.grading) that is a number
+    other than the numeric `gold`, or None (module docstring: `other_answer`)."""
+    target = _as_number(gold)
+    if target is None:
+        return None
+    for stated in stated_answers(response):
+        value = _as_number(stated)
+        if value is not None and abs(value - target) > 1e-9 * max(1.0, abs(target)):
+            return stated
+    return None
+
+
 def worked_out(response: str, question: str, gold: str) -> bool:
     """Whether the numeric `gold` is the result of an expression in `response` (module docstring: `unworked`);
     True when the signal cannot judge `gold`."""
@@ -332,6 +394,7 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
     wrong = false_equation(response)
     unworked = target is not None and not _derives(response, target)
     addresses = addressed_phrase(response, ctx.plain_text)
+    other = other_answer(response, ctx.gold)
     reason: GuidanceReason | None = None
     if limits.echo_words and echo >= limits.echo_words:
         reason = "echo"
@@ -345,6 +408,8 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
         reason = "unworked"
     elif limits.addresses and addresses is not None:
         reason = "addresses"
+    elif limits.other_answer and other is not None:
+        reason = "other_answer"
     return GuidanceCheck(
         echo_words=echo,
         copy_words=copy,
@@ -352,6 +417,7 @@ def text_check(response: str, ctx: GuidanceContext, limits: GuidanceLimits) -> G
         false_equation=wrong,
         unworked=unworked,
         addresses=addresses,
+        other_answer=other,
         reason=reason,
     )
 

@@ -60,7 +60,7 @@ class StageParams(BaseModel):
     guidance_filter: bool = Field(
         True,
         description="reject correct guided responses that lean on the guidance (docs/rewrite.md, 'the"
-        " guidance-dependence filter'); the seven signals below",
+        " guidance-dependence filter'); the eight signals below",
     )
     guidance_echo_words: int = Field(
         4,
@@ -79,8 +79,8 @@ class StageParams(BaseModel):
     )
     guidance_arithmetic: bool = Field(
         True,
-        description="reject a guided response that writes an equation with wrong arithmetic (e.g. '8 - 6 = 4'):"
-        " its correct answer did not come from its own working",
+        description="reject a guided response that writes an equation with wrong arithmetic ('8 - 6 = 4',"
+        " '11 = 11/5', '42 is indeed 13'): its correct answer did not come from its own working",
     )
     guidance_unworked: bool = Field(
         True,
@@ -91,6 +91,11 @@ class StageParams(BaseModel):
         True,
         description="reject a guided response that talks about a solution it was shown or to its author"
         " ('your solution', 'the original solution', 'you have correctly'): the plain prompt showed none",
+    )
+    guidance_other_answer: bool = Field(
+        True,
+        description="reject a guided response that states an answer other than the (numeric) gold one it was"
+        " graded on ('The answer is 2. … Final answer: 6'): it contradicts itself",
     )
     guidance_max_logprob_gain: float | None = Field(
         0.7,

@@ -186,16 +186,28 @@ def extract_prediction(response: str, strict: bool = False) -> str | None:
     `strict` drops the last-number fallback: only an explicitly stated answer counts. Where strict
     extraction finds an answer it is the lenient one, so a strict check before lenient grading is exact.
     """
-    boxes = [b for b in _boxed_contents(response) if b]
+    boxes, phrases = _stated(response)
     if boxes:
         return boxes[-1]
-    phrases = [p for p in (_phrase_answer(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)) if p]
     if phrases:
         return phrases[-1]
     if strict:
         return None
     numbers = re.findall(_NUMBER, response)
     return numbers[-1].replace(",", "") if numbers else None
+
+
+def _stated(response: str) -> tuple[list[str], list[str]]:
+    """The non-empty `\\boxed{}` contents of `response` and its answer phrases, each in order."""
+    boxes = [b for b in _boxed_contents(response) if b]
+    phrases = [p for p in (_phrase_answer(m.group(1)) for m in _ANSWER_PHRASE.finditer(response)) if p]
+    return boxes, phrases
+
+
+def stated_answers(response: str) -> list[str]:
+    """Every answer `response` states explicitly: its `\\boxed{}` contents, then its answer phrases."""
+    boxes, phrases = _stated(response)
+    return boxes + phrases
 
 
 def states_final_answer(response: str) -> bool:

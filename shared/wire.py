@@ -122,7 +122,7 @@ class JobStatus(BaseModel):
     guidance_rejected: dict[str, int] = Field(
         default_factory=dict,
         description="correct guided responses rejected for leaning on the guidance, per reason (echo, copy,"
-        " answer_first, arithmetic, unworked, addresses, likelihood; docs/rewrite.md)",
+        " answer_first, arithmetic, unworked, addresses, other_answer, likelihood; docs/rewrite.md)",
     )
     policy_versions: list[int] = Field(description="policy versions that made this job's examples")
     errors: list[RowError] = Field(description="rejected rows with their line numbers (first 100)")

@@ -143,6 +143,7 @@ def main(args: argparse.Namespace) -> None:
                 arithmetic=reason == "arithmetic",
                 unworked=reason == "unworked",
                 addresses=reason == "addresses",
+                other_answer=reason == "other_answer",
                 max_logprob_gain=limits.max_logprob_gain if reason == "likelihood" else None,
                 gain_window=limits.gain_window,
             )

@@ -16,6 +16,7 @@ from services.guidance_filter import (
     guidance_context,
     limits_of,
     logprob_gain,
+    other_answer,
     text_check,
     with_likelihood,
     worked_out,
@@ -130,6 +131,24 @@ def test_answer_first_is_not_judged_when_the_answer_is_in_the_question_or_not_a_
         ("1 / 2 * 2 = 4", "1 / 2 * 2 = 4"),
         ("1 / 3 = 0.5", "1 / 3 = 0.5"),
         ("$10 * 3 = $25", "$10 * 3 = $25"),
+        # written result first: checked the same way, unless the chain goes on or comes from the left
+        ("11 = 5 + 6", None),
+        ("So 11 = 11/5.", "11 = 11/5"),
+        ("Alternatively, 11 = 11 / 5\n\nThis is the final answer.", "11 = 11 / 5"),
+        ("5 + 6 = 11 = 6 + 5", None),
+        ("x = 5 + 6", None),
+        ("11 = 5 + 6 * 2", "11 = 5 + 6 * 2"),
+        ("11 = 5 + 6 (the two bags)", None),  # a bracket may continue the expression: not read
+        # an equality in words
+        ("Since 42 is indeed 13, we conclude that Hugo has 13 coins.", "42 is indeed 13"),
+        ("6 * 7 equals 13.", "6 * 7 equals 13"),
+        ("6 * 7 equals 42, and 42 is the same as 42.", None),
+        ("7 + 6 is equal to 13", None),
+        ("30 plus 28 plus 32 plus 34 plus 26 equals 150", None),  # the sum is in words: not read
+        ("150 divided by 5 equals 30", None),
+        ("Since 4/7 is equal to $24, 1/7 is equal to $6.", None),  # a share of something, not a number
+        ("80% is equal to $500", None),
+        ("There are 3 apples. The answer is 13.", None),
     ],
 )
 def test_false_equation(response: str, wrong: str | None) -> None:
@@ -146,7 +165,18 @@ def test_a_chain_is_read_over_at_most_max_operators() -> None:
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("text", ["1" * 30_000, "1," * 15_000, "1,000," * 5_000, "$1" * 10_000, "= " * 15_000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1" * 30_000,
+        "1," * 15_000,
+        "1,000," * 5_000,
+        "$1" * 10_000,
+        "= " * 15_000,
+        "2 = 1 + 1 " * 3_000,
+        "1 + 1 equals 2 " * 2_000,
+    ],
+)
 def test_the_text_signals_read_number_runs_in_linear_time(text: str) -> None:
     # An operand of `\d[\d,]*` started again at every comma of "1,1,1,…": 36 s for 30,000 characters
     # (a degenerate sample can be that long), on the service's event loop. Now milliseconds.
@@ -206,6 +236,29 @@ def test_an_answer_that_is_not_worked_out_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
+    ("response", "gold", "other"),
+    [
+        ("I'd like to start with 4+2 = 6. The answer is 2.\n\nHowever, 4 + 2 = 6.\n\nFinal answer: 6", "6", "2"),
+        ("\\boxed{5}, no: 2 + 4 = 6, so \\boxed{6}", "6", "5"),
+        ("2 + 4 = 6. The answer is 6 eggs. \\boxed{6}", "6", None),
+        ("2 + 4 = 6\n#### 6", "6", None),
+        ("It is 2 + 4 = 6. The answer is: \\boxed{6}.", "6.0", None),  # the same number
+        ("1,000 - 200 = 800. The answer is 800.", "800", None),
+        ("The answer is x = 3, so \\boxed{3}", "3", None),  # not a plain number: not compared
+        ("Half of it. The answer is \\frac{1}{2}", "\\frac{1}{2}", None),  # gold not a plain number
+    ],
+)
+def test_other_answer(response: str, gold: str, other: str | None) -> None:
+    assert other_answer(response, gold) == other
+
+
+def test_a_response_stating_another_answer_is_rejected() -> None:
+    result = check("She uses 3 + 4 = 7 eggs. The answer is 7. So 16 - 7 = 9 are left. \\boxed{9}", "answer")
+    assert result.reason == "other_answer" and result.other_answer == "7"
+    assert check(CLEAN).other_answer is None
+
+
+@pytest.mark.parametrize(
     ("response", "phrase"),
     [
         ("16 - 7 = 9. Your solution is correct, you have correctly applied it. \\boxed{9}", "Your solution"),
@@ -257,6 +310,7 @@ def test_limits_switch_signals_off() -> None:
         arithmetic=False,
         unworked=False,
         addresses=False,
+        other_answer=False,
         max_logprob_gain=None,
         gain_window=8,
     )
@@ -265,6 +319,7 @@ def test_limits_switch_signals_off() -> None:
     assert text_check("She uses 3 + 4 = 8 eggs, so 9 are left. \\boxed{9}", ctx, off).reason is None
     assert text_check("She has \\boxed{9} eggs left.", ctx, off).reason is None
     assert text_check("16 - 7 = 9 as your solution says. \\boxed{9}", ctx, off).reason is None
+    assert text_check("The answer is 7. 16 - 7 = 9, \\boxed{9}", ctx, off).reason is None
     assert with_likelihood(text_check(CLEAN, ctx, off), 5.0, off).reason is None
 
 
@@ -277,6 +332,7 @@ def test_meta_is_plain_rounded_data() -> None:
         "false_equation": None,
         "unworked": False,
         "addresses": None,
+        "other_answer": None,
         "logprob_gain": 0.1235,
         "reason": None,
     }
@@ -303,6 +359,7 @@ async def test_rejections_per_reason_reach_the_job_status(redis_url: str, key_pr
         "arithmetic": 0,
         "unworked": 0,
         "addresses": 0,
+        "other_answer": 0,
         "likelihood": 1,
     }
     assert tuple(status.guidance_rejected) == REASONS

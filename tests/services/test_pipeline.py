@@ -135,6 +135,7 @@ LEANING = {
     "arithmetic": "Two plus three: 2 + 2 = 5, so \\boxed{5}.",
     "unworked": "Two plus three? The sum is \\boxed{5}.",
     "addresses": "Your solution is right: 2 + 3 = 5, so \\boxed{5}.",
+    "other_answer": "The answer is 6. No: 2 + 3 = 5, so \\boxed{5}.",
     "likelihood": "Two plus three gives 2 + 3 = 5, which is \\boxed{5}.",
 }
 LONG_SOLUTION = "Two and three make five because counting on from two by three more steps lands on five.\n#### 5"

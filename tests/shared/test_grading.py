@@ -19,6 +19,7 @@ from shared.grading import (
     extract_prediction,
     grade_response,
     qwen_math_equal,
+    stated_answers,
     states_final_answer,
     strip_string,
 )
@@ -283,6 +284,12 @@ def test_strict_extraction_needs_an_explicit_answer(response: str) -> None:
 def test_strict_extraction_agrees_with_lenient_where_an_answer_is_stated(response: str) -> None:
     assert states_final_answer(response)
     assert extract_prediction(response, strict=True) == extract_prediction(response)
+
+
+def test_stated_answers_are_every_box_then_every_phrase() -> None:
+    response = "The answer is 2.\nNo: \\boxed{5}, then \\boxed{6}.\nFinal answer: 6"
+    assert stated_answers(response) == ["5", "6", "2", "6"]
+    assert stated_answers("2 + 4 = 6, so six.") == []
 
 
 def test_grade_response_without_answer_is_false() -> None:
