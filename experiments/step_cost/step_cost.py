@@ -27,17 +27,16 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
-
-from vllm import SamplingParams
-from vllm.sampling_params import RequestOutputKind
+from typing import TYPE_CHECKING, Any
 
 from mindgap.bench.machine import cpu_model
-from services.vllm_engine import VLLMEngine
 from shared.config import EngineConfig
 from shared.dataio import read_problems
 from shared.logs import setup_logging
 from shared.prompts import solve_messages
+
+if TYPE_CHECKING:
+    from services.vllm_engine import VLLMEngine
 
 GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 WIDTHS = (6, 12, 24, 48)
@@ -47,6 +46,9 @@ async def step_seconds(
     engine: VLLMEngine, prompts: list[list[int]], n: int, max_tokens: int, repeat: int
 ) -> list[float]:
     """Per-step wall time of `n` sequences (the prompts round-robin), each decoding `max_tokens` tokens."""
+    from vllm import SamplingParams  # here: `fit` is importable without vLLM
+    from vllm.sampling_params import RequestOutputKind
+
     sampling = SamplingParams(
         n=1,
         temperature=0.7,
@@ -64,7 +66,29 @@ async def step_seconds(
     return times
 
 
+def fit(median: dict[int, float]) -> dict[str, float]:
+    """`a + b·n` fitted by least squares to the median step time per width `n` (it needs 12, 24 and 48),
+    and what it gives on the line's workload: the step ratios to 48 sequences, the rule-keeping floor (two
+    phases of 24) and the pipeline's four phases of 12, each from the measured medians."""
+    widths = sorted(median)
+    mean_n = statistics.mean(widths)
+    mean_t = statistics.mean(median[n] for n in widths)
+    b = sum((n - mean_n) * (median[n] - mean_t) for n in widths) / sum((n - mean_n) ** 2 for n in widths)
+    a = mean_t - b * mean_n
+    return {
+        "a_ms": round(1000 * a, 3),
+        "b_ms": round(1000 * b, 4),
+        "a_over_b": round(a / b, 1),
+        "step_12_over_48": round(median[12] / median[48], 3),
+        "step_24_over_48": round(median[24] / median[48], 3),
+        "floor_two_phases_of_24": round(2 * median[24] / median[48], 3),
+        "four_phases_of_12": round(4 * median[12] / median[48], 3),
+    }
+
+
 async def main(args: argparse.Namespace) -> None:
+    from services.vllm_engine import VLLMEngine
+
     setup_logging()
     engine = await VLLMEngine.create(EngineConfig(model=args.model, max_model_len=2048, kv_cache_gib=2, seed=0))
     problems = read_problems(GSM8K, limit=6).problems  # the bench line's quick GSM8K workload
@@ -74,25 +98,13 @@ async def main(args: argparse.Namespace) -> None:
         steps[n] = await step_seconds(engine, prompts, n, args.max_tokens, args.repeat)
         runs = [round(1000 * t, 1) for t in steps[n]]
         print(f"{n:>3} sequences: {1000 * statistics.median(steps[n]):.1f} ms per step {runs}")
-    median = {n: statistics.median(t) for n, t in steps.items()}
-    # least squares of step = a + b·n over the widths
-    mean_n = statistics.mean(WIDTHS)
-    mean_t = statistics.mean(median.values())
-    b = sum((n - mean_n) * (median[n] - mean_t) for n in WIDTHS) / sum((n - mean_n) ** 2 for n in WIDTHS)
-    a = mean_t - b * mean_n
     result: dict[str, Any] = {
         "cpu": cpu_model(),
         "model": args.model,
         "max_tokens": args.max_tokens,
         "step_ms": {n: [round(1000 * t, 2) for t in steps[n]] for n in WIDTHS},
-        "median_step_ms": {n: round(1000 * median[n], 2) for n in WIDTHS},
-        "a_ms": round(1000 * a, 3),
-        "b_ms": round(1000 * b, 4),
-        "a_over_b": round(a / b, 1),
-        "step_12_over_48": round(median[12] / median[48], 3),
-        "step_24_over_48": round(median[24] / median[48], 3),
-        "floor_two_phases_of_24": round(2 * median[24] / median[48], 3),
-        "four_phases_of_12": round(4 * median[12] / median[48], 3),
+        "median_step_ms": {n: round(1000 * statistics.median(t), 2) for n, t in steps.items()},
+        **fit({n: statistics.median(t) for n, t in steps.items()}),
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("step_ms",)}, indent=1))
     if args.out:
