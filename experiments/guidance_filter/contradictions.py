@@ -16,7 +16,8 @@ they were (`arithmetic` reading `a op b = r` only) on the three labelled arithme
 labelled set (the responses those keep, with their labels); how often it fires where no guidance was
 shown: every human GSM8K solution (right by construction) and the model's own correct self-stage
 responses (plain prompt) of the three runs and of the live run with both checks on; and what it flags
-among the guided records of the two GSM8K spot checks.
+among the guided records of the two GSM8K spot checks. Last, the `likelihood` signal's recorded gains
+of the four runs' kept guided responses, leaning against clean.
 
 From the repository root:
 
@@ -142,6 +143,23 @@ def gsm8k_references() -> None:
         print(f"GSM8K reference solutions, `{name}` (all {len(rows)}): {len(flagged)} flagged {flagged[:6]}")
 
 
+def likelihood_gains() -> None:
+    """The `likelihood` signal's recorded gains of every guided response the four labelled runs kept (each
+    under the filter it ran with), leaning against clean, and what a lower threshold would reject."""
+    live = ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl")
+    gains: dict[str, list[float]] = {"lean": [], "clean": []}
+    for folder, records in [(folder, records) for folder, records, _ in RUNS] + [live]:
+        labels = {row["problem_id"]: row["label"] for row in load(HERE / folder / "labels.jsonl")}
+        for r in load(HERE / records):
+            if r["stage"] == "guided":
+                gains[labels[r["problem_id"]]].append(r["meta"]["guidance_check"]["logprob_gain"])
+    for label, values in gains.items():
+        print(f"kept guided, {label}: {len(values)}, gains {min(values):.2f}–{max(values):.2f} nats")
+    for limit in (0.3, 0.4, 0.5, 0.6):
+        over = {label: sum(g > limit for g in values) for label, values in gains.items()}
+        print(f"  guidance_max_logprob_gain {limit}: would reject {over['lean']} leaning, {over['clean']} clean")
+
+
 def main() -> None:
     """Print every measurement."""
     spot_checks()
@@ -149,6 +167,7 @@ def main() -> None:
     self_responses()
     gsm8k_spot_checks()
     gsm8k_references()
+    likelihood_gains()
 
 
 if __name__ == "__main__":
