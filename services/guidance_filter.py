@@ -20,8 +20,8 @@ experiments/guidance_filter/, see docs/rewrite.md):
   come from its own working, so it came from the guidance (measured: 4 of the 9 guided responses the
   other signals kept in a GSM8K spot run, and none of the 40 correct labelled responses; the two later
   forms 2 of the 20 leaning responses the seven other signals kept in three labelled arithmetic runs,
-  none of the 48 clean ones, none of 7,473 human GSM8K solutions, 1 of the model's 122 correct
-  self-stage responses, which does write "7 = 8 + 1"). Only chains of numbers and
+  none of the 48 clean ones, none of 7,473 human GSM8K solutions, 2 of the model's 160 correct
+  self-stage responses, which do write "7 = 8 + 1" and "15 = 6 + 2 * 9"). Only chains of numbers and
   + - * x × / ÷ without brackets are checked, each against the precision its result is written with
   ("10 / 3 = 3.33" holds).
 - `unworked`: the gold answer is never the result of the response's own working: it follows no `=`
@@ -46,7 +46,7 @@ experiments/guidance_filter/, see docs/rewrite.md):
   number other than the numeric gold one it was graded on ("The answer is 2. … Final answer: 6"): it
   contradicts itself, so the answer it ends on did not come from the working before it. Measured: 1 of
   the 20 leaning responses kept in the same three runs, none of the 48 clean ones, none of 7,473 human
-  GSM8K solutions, 1 of 122 of the model's own correct responses to the plain prompt (one that does
+  GSM8K solutions, 1 of 160 of the model's own correct responses to the plain prompt (one that does
   contradict itself: "6 + 7 = 11 + 1 = 22. The answer is 22. … the final answer is 13").
 - `likelihood`: some stretch of `guidance_gain_window` consecutive tokens is on average more than
   `guidance_max_logprob_gain` nats more likely after the guided prompt than after the plain one, both

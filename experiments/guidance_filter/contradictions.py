@@ -15,9 +15,9 @@ Each is measured like `addresses_guidance.py` measured its signal: what it adds 
 they were (`arithmetic` reading `a op b = r` only) on the three labelled arithmetic runs and on the
 labelled set (the responses those keep, with their labels); how often it fires where no guidance was
 shown: every human GSM8K solution (right by construction) and the model's own correct self-stage
-responses (plain prompt) of the three runs and of the live run with both checks on; and what it flags
-among the guided records of the two GSM8K spot checks. Last, the `likelihood` signal's recorded gains
-of the four runs' kept guided responses, leaning against clean.
+responses (plain prompt) of the three runs and of the two live runs with both checks on; and what it
+flags among the guided records of the two GSM8K spot checks. Last, the `likelihood` signal's recorded
+gains of the five runs' kept guided responses, leaning against clean.
 
 From the repository root:
 
@@ -46,6 +46,11 @@ GSM8K = HERE.parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RUNS = (
     *LABELLED_RUNS,
     ("spotcheck_arith_addresses", "spotcheck_arith_addresses/out.jsonl", "spotcheck_arith_addresses/problems.jsonl"),
+)
+# the live runs with both checks in the filter (not measured on: their guided records are what it kept)
+LIVE = (
+    ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl"),
+    ("spotcheck_arith_eight", "spotcheck_arith_eight/out.jsonl"),
 )
 # The seven signals as they were, less `arithmetic`, whose old form `forward_equation` applies on top.
 BEFORE = replace(gf.limits_of(StageParams()), arithmetic=False, other_answer=False)
@@ -110,10 +115,9 @@ def labelled_set() -> None:
 
 
 def self_responses() -> None:
-    """How often each fires on the model's own correct responses to the plain prompt (here the live run
-    with both checks in the filter counts too: the filter never sees self responses)."""
-    live = ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl")
-    for folder, records in [(folder, records) for folder, records, _ in RUNS] + [live]:
+    """How often each fires on the model's own correct responses to the plain prompt (here the live runs
+    with both checks in the filter count too: the filter never sees self responses)."""
+    for folder, records in [(folder, records) for folder, records, _ in RUNS] + list(LIVE):
         own = [r for r in load(HERE / records) if r["stage"] == "self"]
         for name, check in CHECKS.items():
             flagged = [
@@ -144,11 +148,10 @@ def gsm8k_references() -> None:
 
 
 def likelihood_gains() -> None:
-    """The `likelihood` signal's recorded gains of every guided response the four labelled runs kept (each
+    """The `likelihood` signal's recorded gains of every guided response the five labelled runs kept (each
     under the filter it ran with), leaning against clean, and what a lower threshold would reject."""
-    live = ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl")
     gains: dict[str, list[float]] = {"lean": [], "clean": []}
-    for folder, records in [(folder, records) for folder, records, _ in RUNS] + [live]:
+    for folder, records in [(folder, records) for folder, records, _ in RUNS] + list(LIVE):
         labels = {row["problem_id"]: row["label"] for row in load(HERE / folder / "labels.jsonl")}
         for r in load(HERE / records):
             if r["stage"] == "guided":
