@@ -268,9 +268,12 @@ def _stated_first(response: str, target: float, question_numbers: set[float]) ->
     )
 
 
+def _same_number(value: float, target: float) -> bool:
+    return abs(value - target) <= 1e-9 * max(1.0, abs(target))
+
+
 def _derives(response: str, target: float) -> bool:
-    tolerance = 1e-9 * max(1.0, abs(target))
-    return any(abs(_operand(m.group(1)) - target) <= tolerance for m in _DERIVATION.finditer(response))
+    return any(_same_number(_operand(m.group(1)), target) for m in _DERIVATION.finditer(response))
 
 
 def answer_before_work(response: str, question: str, gold: str) -> bool:
@@ -371,7 +374,7 @@ def other_answer(response: str, gold: str) -> str | None:
         return None
     for stated in stated_answers(response):
         value = _as_number(stated)
-        if value is not None and abs(value - target) > 1e-9 * max(1.0, abs(target)):
+        if value is not None and not _same_number(value, target):
             return stated
     return None
 

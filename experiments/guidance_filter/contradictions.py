@@ -47,8 +47,10 @@ RUNS = (
     *LABELLED_RUNS,
     ("spotcheck_arith_addresses", "spotcheck_arith_addresses/out.jsonl", "spotcheck_arith_addresses/problems.jsonl"),
 )
-# the live runs with both checks in the filter (not measured on: their guided records are what it kept)
-LIVE = (
+# (folder, records) of every labelled run: those three, then the live runs with both checks in the filter
+# (not measured on for what the checks add: their guided records are what the checks kept)
+ALL_RUNS = (
+    *((folder, records) for folder, records, _ in RUNS),
     ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl"),
     ("spotcheck_arith_eight", "spotcheck_arith_eight/out.jsonl"),
 )
@@ -117,7 +119,7 @@ def labelled_set() -> None:
 def self_responses() -> None:
     """How often each fires on the model's own correct responses to the plain prompt (here the live runs
     with both checks in the filter count too: the filter never sees self responses)."""
-    for folder, records in [(folder, records) for folder, records, _ in RUNS] + list(LIVE):
+    for folder, records in ALL_RUNS:
         own = [r for r in load(HERE / records) if r["stage"] == "self"]
         for name, check in CHECKS.items():
             flagged = [
@@ -151,7 +153,7 @@ def likelihood_gains() -> None:
     """The `likelihood` signal's recorded gains of every guided response the five labelled runs kept (each
     under the filter it ran with), leaning against clean, and what a lower threshold would reject."""
     gains: dict[str, list[float]] = {"lean": [], "clean": []}
-    for folder, records in [(folder, records) for folder, records, _ in RUNS] + list(LIVE):
+    for folder, records in ALL_RUNS:
         labels = {row["problem_id"]: row["label"] for row in load(HERE / folder / "labels.jsonl")}
         for r in load(HERE / records):
             if r["stage"] == "guided":

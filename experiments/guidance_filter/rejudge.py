@@ -26,6 +26,8 @@ from services.guidance_filter import GuidanceLimits, guidance_context, limits_of
 from shared.config import StageParams
 from shared.prompts import solve_messages
 
+HERE = Path(__file__).parent
+
 
 def judge(
     records: list[dict[str, Any]],
@@ -59,7 +61,6 @@ def judge(
     return rows
 
 
-HERE = Path(__file__).parent
 # The labelled arithmetic runs whose kept guided records candidate signals are measured on:
 # (folder holding labels.jsonl, the run's records, its problems), relative to this folder.
 LABELLED_RUNS = (
