@@ -26,7 +26,8 @@ experiments/guidance_filter/, see docs/rewrite.md):
   ("10 / 3 = 3.33" holds).
 - `unworked`: the gold answer is never the result of the response's own working: it follows no `=`
   ("16 - 7 = 9", "3^2 = 9", "x = 9", "= \\boxed{9}") and no expression `a op b …` followed by "is",
-  "equals", "gives" or "makes" ("16 - 7 gives 9"). "The answer is 14." alone, or "Tara now has 9
+  "equals", "gives" or "makes" ("16 - 7 gives 9"); a bare `=` right after an answer phrase ("The answer
+  is = 14") states the answer and derives nothing. "The answer is 14." alone, or "Tara now has 9
   stickers." after no sum, is caught. Checked, like `answer_first`, for numeric gold answers that do not
   occur in the question. Measured on an arithmetic run's kept guided responses: 8 of the 18 that lean
   rejected, 1 of the 19 that do not (docs/rewrite.md). Its price: an answer reached in words or by
@@ -35,13 +36,20 @@ experiments/guidance_filter/, see docs/rewrite.md):
   step", "the original/given/provided/reference/initial/incomplete solution|code|work|attempt|response|
   step(s)|calculation|reasoning|approach|method", "you (have) correctly/already/provided/given/made/
   wrote/solved/calculated/shown", "you're right/correct" ("Your solution is correct, you have correctly
-  applied…", "I made a clever error in the original solution"). Under the plain prompt the user showed no
-  solution, so there is nothing such a phrase could refer to; phrases the plain prompt itself contains
-  do not count. "Your answer" is not on the list (the plain prompt asks for "your final answer", and
-  the model writes "Your answer: 13" as a label), nor "the previous step" (a solution's own steps).
-  Measured on the responses the other signals keep in two arithmetic runs: 6 of the 18 that lean
-  rejected, none of the 32 that do not; it fires on none of 1,000 human GSM8K solutions and on 1 of 60 of
-  the model's own correct responses to the plain prompt (docs/rewrite.md).
+  applied…", "I made a clever error in the original solution"); an answer, value, example or hint it was
+  handed ("the original answer", "the given value", "given the answer"), a response before this one ("my
+  previous response"), "you are referring/mentioned/gave", a verdict on an answer ("this is a valid
+  answer"). Under the plain prompt the user showed no solution and there was no earlier response, so
+  there is nothing such a phrase could refer to; phrases the plain prompt itself contains do not count.
+  "Your answer" is not on the list (the plain prompt asks for "your final answer", and the model writes
+  "Your answer: 13" as a label), nor "the previous step" (a solution's own steps), nor "the initial/
+  original value" (GSM8K solutions use it of the problem's quantities). Measured on the responses the
+  other signals keep in two arithmetic runs: 6 of the 18 that lean rejected, none of the 32 that do not;
+  it fires on none of 1,000 human GSM8K solutions and on 1 of 60 of the model's own correct responses to
+  the plain prompt. The second group of wordings, read off two later live runs, rejects 6 of the 9
+  references to the guidance those runs kept and none of their clean responses, fires on none of 7,473
+  GSM8K solutions and on 1 of 160 self responses (experiments/guidance_filter/references.txt,
+  docs/rewrite.md).
 - `other_answer`: it states an answer (`\\boxed{}` or an answer phrase, as grading reads them) that is a
   number other than the numeric gold one it was graded on ("The answer is 2. … Final answer: 6"): it
   contradicts itself, so the answer it ends on did not come from the working before it. Measured: 1 of
@@ -123,6 +131,8 @@ _DERIVATION = re.compile(
     rf"(?:{_START}{_EXPRESSION}\)?\s*(?:equals|is equal to|is|gives|makes)|=)"
     rf"\s*(?:\\boxed\{{)?\s*(-?{_OPERAND})(?!\d|\.\d)"  # a negative result keeps its sign
 )
+# An answer phrase right before a bare `=`: "The answer is = 14" states the answer, it works nothing out.
+_ANSWER_PHRASE_END = re.compile(r"(?:\bis|\bare|\banswer|:)\s*$", re.IGNORECASE)
 _MULTIPLY = {"*", "x", "×", "\\times", "\\cdot"}
 
 
@@ -273,7 +283,16 @@ def _same_number(value: float, target: float) -> bool:
 
 
 def _derives(response: str, target: float) -> bool:
-    return any(_same_number(_operand(m.group(1)), target) for m in _DERIVATION.finditer(response))
+    return any(
+        _same_number(_operand(m.group(1)), target) and not _stated_with_equals(response, m)
+        for m in _DERIVATION.finditer(response)
+    )
+
+
+def _stated_with_equals(response: str, m: re.Match[str]) -> bool:
+    """Whether derivation `m` is a bare `=` right after an answer phrase ("The answer is = 14")."""
+    before = response[max(0, m.start() - 16) : m.start()]
+    return m.group(0).startswith("=") and _ANSWER_PHRASE_END.search(before) is not None
 
 
 def answer_before_work(response: str, question: str, gold: str) -> bool:
@@ -347,12 +366,22 @@ def _wrong(expression: str, result: str) -> bool:
 _SHOWN = re.compile(
     r"\b(?:your|the\s+(?:original|given|provided|reference|initial|incomplete))\s+"
     r"(?:(?:own|final|previous|first|current)\s+)?"
-    r"(?:solution|code|work|attempt|response|steps?|calculation|reasoning|approach|method)\b",
+    r"(?:solution|code|work|attempt|response|steps?|calculation|reasoning|approach|method)\b"
+    # an answer shown, not "your answer" (the plain prompt's word). "The initial/original value" is
+    # left out: GSM8K solutions use it of the problem's quantities.
+    r"|\bthe\s+(?:original|given|provided|reference|initial|incomplete)\s+(?:answer|example|hint)s?\b"
+    r"|\bthe\s+(?:given|provided|reference)\s+(?:value|result)s?\b"
+    r"|\bgiven\s+the\s+(?:answer|solution)\b"
+    # a response before this one: under the plain prompt there was none
+    r"|\bmy\s+(?:previous|earlier|original|last|first)\s+(?:response|answer|solution|attempt|reply|work)\b"
+    # a verdict on an answer or solution as if handed one to judge
+    r"|\b(?:this|that)\s+is\s+a\s+(?:valid|correct|right|good)\s+(?:answer|solution)\b",
     re.IGNORECASE,
 )
 _AUTHOR = re.compile(
     r"\byou(?:'ve|\s+have)?\s+(?:correctly|already|provided|given|made|wrote|written|solved|calculated|shown)\b"
-    r"|\byou(?:'re|\s+are)\s+(?:right|correct)\b",
+    r"|\byou(?:'re|\s+are)\s+(?:right|correct)\b"
+    r"|\byou(?:'re|\s+are)?\s+(?:referring|referred|mentioned|mentioning|gave)\b",
     re.IGNORECASE,
 )
 

@@ -6,7 +6,8 @@ solves the problem on its own) and, for each guidance mode, `--attempts` respons
 scores every finished guided response at temperature 1 on the plain prompt and on the guided prompt. Hand-written
 responses (`--handwritten FILE`: rows with `problem_id`, `mode`, `text`) are scored the same way. The
 output rows (`responses.jsonl`) carry everything the filter looks at, so `evaluate.py` needs no engine.
-`--records OUT.jsonl` scores the guided records of a `mindgap rewrite` run instead (no sampling).
+`--records OUT.jsonl` scores the guided records of a `mindgap rewrite` run instead (no sampling; each
+spot check's `scored.jsonl` was made so, with the run's own problems file).
 
     flock /tmp/heavy.lock .venv/bin/python experiments/guidance_filter/collect.py \
         --problems experiments/guidance_filter/problems.jsonl --out experiments/guidance_filter/responses.jsonl
@@ -97,9 +98,10 @@ async def _handwritten(engine: Engine, problems: dict[str, Problem], n: int, han
 
 
 async def main(args: argparse.Namespace) -> None:
-    problems = {
-        p.id: p for p in (Problem.model_validate_json(line) for line in args.problems.read_text().splitlines() if line)
-    }
+    rows = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
+    # only the fields a problem has: generated problem files carry more (steps, difficulty)
+    fields = [{k: r[k] for k in Problem.model_fields if k in r} for r in rows]
+    problems = {p.id: p for p in (Problem.model_validate(f) for f in fields)}
     engine = await create_engine(
         "vllm", EngineConfig(enforce_eager=True, kv_cache_gib=1.0, max_model_len=2048, seed=args.seed)
     )
@@ -110,6 +112,9 @@ async def main(args: argparse.Namespace) -> None:
         if args.records:
             records = [Example.model_validate_json(line) for line in args.records.read_text().splitlines() if line]
             guided = [r for r in records if r.stage is Stage.GUIDED]
+            # a record's prompt is the plain prompt of its question (its problem_id is the row's place in
+            # the rewrite input, not the problem file's id)
+            by_prompt = {solve_messages(p.question)[-1].content: p for p in problems.values()}
             with args.out.open("a") as f:
                 for r in guided:
                     mode: GuidanceMode = r.meta["guidance"]
@@ -121,7 +126,7 @@ async def main(args: argparse.Namespace) -> None:
                         "text": r.response,
                     }
                     row |= {"correct": True, "meta": r.meta, "token_ids": r.completion_token_ids}
-                    row.update(await _scored(engine, problems[r.problem_id], mode, r.completion_token_ids))
+                    row.update(await _scored(engine, by_prompt[r.prompt[-1].content], mode, r.completion_token_ids))
                     f.write(json.dumps(row) + "\n")
             print(f"{len(guided)} guided records scored → {args.out}")
             return

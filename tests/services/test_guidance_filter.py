@@ -211,6 +211,11 @@ def test_wrong_arithmetic_that_lands_on_the_answer_is_rejected() -> None:
         ("She uses 3 + 4 = 7 eggs, so \\boxed{9} are left.", False),  # working, but not to the answer
         ("16 - 7 = 90 eggs", False),  # 90 is not 9
         ("16 - 7 = 9.5 eggs", False),
+        ("A story about eggs. The answer is = 9", False),  # an answer phrase and a bare `=`
+        ("Final answer: = 9", False),
+        ("The eggs left are = 9", False),
+        ("The answer is 16 - 7 = 9", True),  # an answer phrase, then working
+        ("The answer is x = 9", True),
         ("Using both kinds of eggs she ends up with \\boxed{9}.", False),  # prose: the signal's price
     ],
 )
@@ -267,11 +272,19 @@ def test_a_response_stating_another_answer_is_rejected() -> None:
         ("16 - 7 = 9. You can return to the original code to complete it. \\boxed{9}", "the original code"),
         ("16 - 7 = 9, \\boxed{9}. You're right about the eggs.", "You're right"),
         ("16 - 7 = 9, as you provided. \\boxed{9}", "you provided"),
+        # an answer or value shown, a response before this one, a verdict on what was handed over
+        ("16 - 7 = 9. The original answer is 9. \\boxed{9}", "The original answer"),
+        ("16 - 7 = 9, which matches the given value. \\boxed{9}", "the given value"),
+        ("16 - 7 = 9. Given the answer 9. \\boxed{9}", "Given the answer"),
+        ("16 - 7 = 9\nNo need to revise my previous response. \\boxed{9}", "my previous response"),
+        ("The problem you are referring to: 16 - 7 = 9. \\boxed{9}", "you are referring"),
+        ("This is a valid answer. 16 - 7 = 9. \\boxed{9}", "This is a valid answer"),
         # nothing shown is referred to: the plain prompt's own words, a solution's own steps, a label
         ("16 - 7 = 9. Put your final answer within a box: \\boxed{9}", None),
         ("From the previous step, 16 - 7 = 9. \\boxed{9}", None),
         ("16 - 7 = 9\nYour answer: 9", None),
         ("You have 16 eggs and use 7: 16 - 7 = 9. \\boxed{9}", None),
+        ("The initial value is 16 eggs; the given information says 7 are used: 16 - 7 = 9. \\boxed{9}", None),
     ],
 )
 def test_addressed_phrase(response: str, phrase: str | None) -> None:
