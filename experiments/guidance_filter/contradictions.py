@@ -158,11 +158,16 @@ def likelihood_gains() -> None:
         for r in load(HERE / records):
             if r["stage"] == "guided":
                 gains[labels[r["problem_id"]]].append(r["meta"]["guidance_check"]["logprob_gain"])
+    print_gains(gains, "gains", "guidance_max_logprob_gain", (0.3, 0.4, 0.5, 0.6))
+
+
+def print_gains(gains: dict[str, list[float]], what: str, threshold: str, limits: tuple[float, ...]) -> None:
+    """The spread of leaning and clean responses' gains, and how many of each a `threshold` rejects at `limits`."""
     for label, values in gains.items():
-        print(f"kept guided, {label}: {len(values)}, gains {min(values):.2f}–{max(values):.2f} nats")
-    for limit in (0.3, 0.4, 0.5, 0.6):
+        print(f"kept guided, {label}: {len(values)}, {what} {min(values):.2f}–{max(values):.2f} nats")
+    for limit in limits:
         over = {label: sum(g > limit for g in values) for label, values in gains.items()}
-        print(f"  guidance_max_logprob_gain {limit}: would reject {over['lean']} leaning, {over['clean']} clean")
+        print(f"  {threshold} {limit}: would reject {over['lean']} leaning, {over['clean']} clean")
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.guidance_filter.contradictions import GSM8K, RUNS
+from experiments.guidance_filter.contradictions import GSM8K, RUNS, print_gains
 from experiments.guidance_filter.evaluate import load
 from experiments.guidance_filter.rejudge import kept_guided, print_added
 from services import guidance_filter as gf
@@ -132,11 +132,7 @@ def word_gain() -> None:
             plain = [row["plain_logprobs"][i] for i in words]
             guided = [row["guided_logprobs"][i] for i in words]
             gains[label].append(gf.logprob_gain(plain, guided, limits.gain_window))
-    for label, values in gains.items():
-        print(f"kept guided, {label}: {len(values)}, word-token gains {min(values):.2f}–{max(values):.2f} nats")
-    for limit in (0.2, 0.3, 0.4, 0.5):
-        over = {label: sum(g > limit for g in values) for label, values in gains.items()}
-        print(f"  reject over {limit}: {over['lean']} leaning, {over['clean']} clean")
+    print_gains(gains, "word-token gains", "a word-token gain over", (0.2, 0.3, 0.4, 0.5))
 
 
 def stated_with_equals() -> None:
