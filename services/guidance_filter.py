@@ -284,15 +284,15 @@ def _same_number(value: float, target: float) -> bool:
 
 def _derives(response: str, target: float) -> bool:
     return any(
-        _same_number(_operand(m.group(1)), target) and not _stated_with_equals(response, m)
+        _same_number(_operand(m.group(1)), target)
+        and not (m.group(0).startswith("=") and _just_before(_ANSWER_PHRASE_END, response, m.start()))
         for m in _DERIVATION.finditer(response)
     )
 
 
-def _stated_with_equals(response: str, m: re.Match[str]) -> bool:
-    """Whether derivation `m` is a bare `=` right after an answer phrase ("The answer is = 14")."""
-    before = response[max(0, m.start() - 16) : m.start()]
-    return m.group(0).startswith("=") and _ANSWER_PHRASE_END.search(before) is not None
+def _just_before(pattern: re.Pattern[str], response: str, start: int) -> bool:
+    """Whether `pattern` (anchored at its end) matches the text of `response` right before `start`."""
+    return pattern.search(response[max(0, start - 16) : start]) is not None
 
 
 def answer_before_work(response: str, question: str, gold: str) -> bool:
@@ -339,18 +339,14 @@ def false_equation(response: str) -> str | None:
         if _wrong(m.group(1), m.group(2)):
             return m.group(0)
     for m in _REVERSED.finditer(response):
-        if not _continued(response, m.start()) and _wrong(m.group(2), m.group(1)):
+        if not _just_before(_CONTINUED, response, m.start()) and _wrong(m.group(2), m.group(1)):
             return m.group(0)
     for m in _CLAIM.finditer(response):
         left, right = m.group(1), m.group(2)
         share = _FRACTION.fullmatch(left) is not None or left.endswith("%") != right.endswith("%")
-        if not share and not _continued(response, m.start()) and _wrong(left, right):
+        if not share and not _just_before(_CONTINUED, response, m.start()) and _wrong(left, right):
             return m.group(0)
     return None
-
-
-def _continued(response: str, start: int) -> bool:
-    return _CONTINUED.search(response[max(0, start - 16) : start]) is not None
 
 
 def _wrong(expression: str, result: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Any
 
 from services.engine import Engine, SamplingConfig, create_engine
 from shared.config import EngineConfig, GuidanceMode, StageParams
+from shared.dataio import FieldMap, read_problems
 from shared.grading import extract_gold, grade_response, states_final_answer
 from shared.prompts import guided_messages, solve_messages
 from shared.schema import Example, Problem, Stage, wire_logprobs
@@ -98,10 +99,8 @@ async def _handwritten(engine: Engine, problems: dict[str, Problem], n: int, han
 
 
 async def main(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in args.problems.read_text().splitlines() if line.strip()]
-    # only the fields a problem has: generated problem files carry more (steps, difficulty)
-    fields = [{k: r[k] for k in Problem.model_fields if k in r} for r in rows]
-    problems = {p.id: p for p in (Problem.model_validate(f) for f in fields)}
+    # the dataset reader `mindgap rewrite` uses, ids from the file (generated files carry more fields)
+    problems = {p.id: p for p in read_problems(args.problems, FieldMap(id="id"), strict=True).problems}
     engine = await create_engine(
         "vllm", EngineConfig(enforce_eager=True, kv_cache_gib=1.0, max_model_len=2048, seed=args.seed)
     )

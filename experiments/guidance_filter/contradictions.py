@@ -47,13 +47,17 @@ RUNS = (
     *LABELLED_RUNS,
     ("spotcheck_arith_addresses", "spotcheck_arith_addresses/out.jsonl", "spotcheck_arith_addresses/problems.jsonl"),
 )
-# (folder, records) of every labelled run: those three, then the live runs with both checks in the filter
-# (not measured on for what the checks add: their guided records are what the checks kept)
-ALL_RUNS = (
-    *((folder, records) for folder, records, _ in RUNS),
-    ("spotcheck_arith_contradictions", "spotcheck_arith_contradictions/out.jsonl"),
-    ("spotcheck_arith_eight", "spotcheck_arith_eight/out.jsonl"),
-)
+
+
+def live(folder: str) -> tuple[str, str, str]:
+    """(folder, records, problems) of a live spot check, relative to this folder."""
+    return folder, f"{folder}/out.jsonl", f"{folder}/problems.jsonl"
+
+
+# the live runs with both checks in the filter (not measured on for what the checks add: their guided
+# records are what the checks kept), and every labelled run: those three, then these
+LIVE_RUNS = (live("spotcheck_arith_contradictions"), live("spotcheck_arith_eight"))
+ALL_RUNS = (*RUNS, *LIVE_RUNS)
 # The seven signals as they were, less `arithmetic`, whose old form `forward_equation` applies on top.
 BEFORE = replace(gf.limits_of(StageParams()), arithmetic=False, other_answer=False)
 
@@ -119,7 +123,7 @@ def labelled_set() -> None:
 def self_responses() -> None:
     """How often each fires on the model's own correct responses to the plain prompt (here the live runs
     with both checks in the filter count too: the filter never sees self responses)."""
-    for folder, records in ALL_RUNS:
+    for folder, records, _ in ALL_RUNS:
         own = [r for r in load(HERE / records) if r["stage"] == "self"]
         for name, check in CHECKS.items():
             flagged = [
@@ -143,17 +147,22 @@ def gsm8k_spot_checks() -> None:
 
 def gsm8k_references() -> None:
     """How often each fires on correct human solutions (a floor on false positives)."""
-    rows: list[dict[str, Any]] = [json.loads(line) for line in GSM8K.open()]
+    rows = gsm8k_rows()
     for name, check in CHECKS.items():
         flagged = [found for r in rows if (found := check(r["answer"], extract_gold(None, r["answer"]) or ""))]
         print(f"GSM8K reference solutions, `{name}` (all {len(rows)}): {len(flagged)} flagged {flagged[:6]}")
+
+
+def gsm8k_rows() -> list[dict[str, Any]]:
+    """Every GSM8K training row (`question`, `answer`: the human solution ending `#### X`)."""
+    return [json.loads(line) for line in GSM8K.read_text().splitlines() if line.strip()]
 
 
 def likelihood_gains() -> None:
     """The `likelihood` signal's recorded gains of every guided response the five labelled runs kept (each
     under the filter it ran with), leaning against clean, and what a lower threshold would reject."""
     gains: dict[str, list[float]] = {"lean": [], "clean": []}
-    for folder, records in ALL_RUNS:
+    for folder, records, _ in ALL_RUNS:
         labels = {row["problem_id"]: row["label"] for row in load(HERE / folder / "labels.jsonl")}
         for r in load(HERE / records):
             if r["stage"] == "guided":

@@ -29,13 +29,12 @@ From the repository root:
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from experiments.guidance_filter.contradictions import GSM8K, RUNS, print_gains
+from experiments.guidance_filter.contradictions import ALL_RUNS, LIVE_RUNS, gsm8k_rows, live, print_gains
 from experiments.guidance_filter.evaluate import load
 from experiments.guidance_filter.rejudge import kept_guided, print_added
 from services import guidance_filter as gf
@@ -44,17 +43,7 @@ from shared.model_source import resolve_model
 from shared.prompts import solve_messages
 
 HERE = Path(__file__).parent
-
-
-def live(folder: str) -> tuple[str, str, str]:
-    """(folder, records, problems) of a live spot check, relative to this folder."""
-    return folder, f"{folder}/out.jsonl", f"{folder}/problems.jsonl"
-
-
-# every labelled run the new forms were read off or measured on
-LIVE = (live("spotcheck_arith_contradictions"), live("spotcheck_arith_eight"))
-LABELLED = (*RUNS, *LIVE)
-# the held-out live run of the new forms (fitted on LIVE, so not measured on for them)
+# the new forms were read off LIVE_RUNS and measured on ALL_RUNS; the held-out live run of the new forms
 LIVE_HELD_OUT = live("spotcheck_arith_references")
 # `addresses` as it was before the new forms (services/guidance_filter.py's _SHOWN and _AUTHOR then)
 ADDRESSES_BEFORE = re.compile(
@@ -78,7 +67,7 @@ def new_form(response: str) -> str | None:
 def new_forms() -> None:
     """Section 1: what the new forms add, and where they fire with nothing shown."""
     without = replace(gf.limits_of(StageParams()), addresses=False)
-    for folder, records, problems in LABELLED:
+    for folder, records, problems in ALL_RUNS:
         kept = [
             (r, label)
             for r, label, _ in kept_guided(folder, records, problems, without)
@@ -90,20 +79,20 @@ def new_forms() -> None:
         print_added(f"{folder} (filter as it was)", "`addresses` (new forms)", [label for _, label in kept], flagged)
     own = [
         (f"{folder}:{r['problem_id']}", r["completion"][-1]["content"])
-        for folder, records, _ in LABELLED
+        for folder, records, _ in ALL_RUNS
         for r in load(HERE / records)
         if r["stage"] == "self"
     ]
     fired = [(pid, found) for pid, text in own if (found := new_form(text))]
     print(f"self responses of those runs (no guidance shown): {len(fired)} of {len(own)} flagged {fired}")
-    human = [json.loads(line)["answer"] for line in GSM8K.read_text().splitlines() if line.strip()]
+    human = [row["answer"] for row in gsm8k_rows()]
     hits = [(i, found) for i, text in enumerate(human) if (found := new_form(text))]
     print(f"GSM8K reference solutions (all {len(human)}): {len(hits)} flagged {hits}")
 
 
 def baseline() -> None:
     """Section 2: leaning kept guided responses beside the policy's own self responses, under one rule."""
-    for folder, _, _ in (*LIVE, LIVE_HELD_OUT):
+    for folder, _, _ in (*LIVE_RUNS, LIVE_HELD_OUT):
         labels = load(HERE / folder / "labels.jsonl")
         guided = Counter(row["label"] for row in labels)
         refers = sum(row.get("refers", False) for row in labels)
@@ -124,7 +113,7 @@ def word_gain() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
     limits = gf.limits_of(StageParams())
     gains: dict[str, list[float]] = {"lean": [], "clean": []}
-    for folder, records, problems in LABELLED:
+    for folder, records, problems in ALL_RUNS:
         scored = {row["id"]: row for row in load(HERE / folder / "scored.jsonl")}
         for r, label, _ in kept_guided(folder, records, problems):
             row = scored[r["id"]]
@@ -143,9 +132,9 @@ def stated_with_equals() -> None:
 
     def changed(response: str, question: str, gold: str) -> bool:
         target = gf._judged_answer(gf._question_numbers(question), gold)
-        return target is not None and derived_before(response, target) and not gf._derives(response, target)
+        return target is not None and derived_before(response, target) and not gf.worked_out(response, question, gold)
 
-    for folder, records, problems in (*LABELLED, LIVE_HELD_OUT):
+    for folder, records, problems in (*ALL_RUNS, LIVE_HELD_OUT):
         kept = kept_guided(folder, records, problems, replace(gf.limits_of(StageParams()), unworked=False))
         flagged = [
             (r["problem_id"], label, "unworked")
@@ -156,12 +145,12 @@ def stated_with_equals() -> None:
         print_added(f"{folder} (without `unworked`)", "`unworked` (answer phrase and `=`)", labels, flagged)
     own = [
         (r["completion"][-1]["content"], r["answer"], r["prompt"][-1]["content"])
-        for _, records, _ in (*LABELLED, LIVE_HELD_OUT)
+        for _, records, _ in (*ALL_RUNS, LIVE_HELD_OUT)
         for r in load(HERE / records)
         if r["stage"] == "self"
     ]
     print(f"self responses: {sum(changed(t, q, a) for t, a, q in own)} of {len(own)} changed")
-    human = [json.loads(line) for line in GSM8K.read_text().splitlines() if line.strip()]
+    human = gsm8k_rows()
     hit = [i for i, row in enumerate(human) if changed(row["answer"], row["question"], row["answer"].split("####")[-1])]
     print(f"GSM8K reference solutions (all {len(human)}): {len(hit)} changed {hit[:10]}")
 

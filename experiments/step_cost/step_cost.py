@@ -71,10 +71,7 @@ def fit(median: dict[int, float]) -> dict[str, float]:
     and what it gives on the line's workload: the step ratios to 48 sequences, the rule-keeping floor (two
     phases of 24) and the pipeline's four phases of 12, each from the measured medians."""
     widths = sorted(median)
-    mean_n = statistics.mean(widths)
-    mean_t = statistics.mean(median[n] for n in widths)
-    b = sum((n - mean_n) * (median[n] - mean_t) for n in widths) / sum((n - mean_n) ** 2 for n in widths)
-    a = mean_t - b * mean_n
+    b, a = statistics.linear_regression(widths, [median[n] for n in widths])
     return {
         "a_ms": round(1000 * a, 3),
         "b_ms": round(1000 * b, 4),
