@@ -260,8 +260,6 @@ def _train_step(report: Report, records: list[Example], model: str, work: Path, 
             "--epochs",
             "4",
         ]
-        if not torch.cuda.is_available():
-            argv += ["--precision", "fp32"]
         env = dict(os.environ)
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"

@@ -56,9 +56,18 @@ def read_state(root: Path, version: int) -> dict[str, Any]:
     return data
 
 
-def check_layout(root: Path, version: int, state: dict[str, Any], world: int, zero_stage: int) -> None:
-    """Refuse (ValueError) to resume `version` when it was written with another world size or effective ZeRO stage."""
+def check_layout(root: Path, version: int, state: dict[str, Any], world: int, zero_stage: int, precision: str) -> None:
+    """Refuse (ValueError) to resume `version` when it was written with another world size, effective ZeRO
+    stage or precision (a run's resolved `bf16`/`fp32`; checkpoints written before it was recorded pass)."""
     where = weights_dir(root, version)
+    was_precision = state.get("precision")
+    if was_precision is not None and was_precision != precision:
+        # bf16 runs keep an fp32 master copy in their optimizer state, fp32 runs do not: the two do not load.
+        raise ValueError(
+            f"cannot resume from {where}: it was trained in {was_precision}, this run is {precision}"
+            f" (--precision auto picks by device). Resume with --precision {was_precision}, or start a new"
+            f" --checkpoint-dir with --model {where} (weights only)"
+        )
     if "world_size" not in state or "zero_stage" not in state:
         # Written before the layout was recorded. One case is known not to load, and it is the default run
         # of those versions: ZeRO-1/2 on one rank, which now runs as stage 0 (DeepSpeed fails obscurely there).

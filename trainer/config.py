@@ -13,7 +13,7 @@ LossName = Literal["sft", "dft", "is"]
 IsLevel = Literal["token", "sequence"]
 Fallback = Literal["dft", "sft"]
 StalenessMode = Literal["drop", "downweight"]
-Precision = Literal["bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp32"]
 
 
 class TrainerConfig(MindgapSettings):
@@ -46,7 +46,12 @@ class TrainerConfig(MindgapSettings):
     model: str = Field("default", description="HF id, local path, or 'default' (SmolLM2-135M-Instruct)")
     ref_model: str | None = Field(None, description="frozen KL reference; None means the base --model")
     max_seq_len: int = Field(2048, ge=8, description="prompt+completion longer than this is rejected")
-    precision: Precision = "bf16"
+    precision: Precision = Field(
+        "auto",
+        description="bf16 (bf16 weights and activations, fp32 master weights), fp32, or auto: bf16 where the"
+        " device multiplies bfloat16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX),"
+        " else fp32",
+    )
     grad_checkpointing: bool = False
     # loss
     loss: LossName = "dft"

@@ -41,7 +41,16 @@ from trainer.losses import (
     sampling_logprobs,
 )
 from trainer.publish import GAP_PREFIX, Announcer, gap_line
-from trainer.zero import Dist, build_engine, build_reference, effective_zero_stage, init_distributed, loop_clips
+from trainer.zero import (
+    Dist,
+    build_engine,
+    build_reference,
+    effective_zero_stage,
+    init_distributed,
+    loop_clips,
+    native_bf16,
+    resolve_precision,
+)
 
 log = logging.getLogger("mindgap.trainer")
 
@@ -222,6 +231,10 @@ class Metrics:
 def run(cfg: TrainerConfig) -> None:
     """Train until `max_steps` or the source is exhausted (or a stop signal), checkpointing as configured."""
     dist = init_distributed()
+    # Rank 0 decides `auto` for all ranks: DeepSpeed needs one precision across the group.
+    choice: list[Any] = [resolve_precision(cfg.precision, native_bf16(dist.device)) if dist.is_main else None]
+    torch_dist.broadcast_object_list(choice, src=0)
+    cfg = cfg.model_copy(update={"precision": choice[0]})
     if dist.is_main:
         cfg.log_resolved(log)
     torch.manual_seed(cfg.seed)
@@ -244,7 +257,7 @@ def run(cfg: TrainerConfig) -> None:
         version = versions[-1]
         resumed = ckpt.read_state(root, version)
         # Before the model loads: every rank reads the same file, so all of them stop here together.
-        ckpt.check_layout(root, version, resumed, dist.world, zero_stage)
+        ckpt.check_layout(root, version, resumed, dist.world, zero_stage, cfg.precision)
         if cfg.source != "redis":
             check_resume_order(resumed.get("source") or {}, _shuffle_seed(cfg))
     engine = build_engine(cfg, path, dist)
@@ -287,6 +300,7 @@ def run(cfg: TrainerConfig) -> None:
             # The layout of the DeepSpeed state under state/: a resume must match it (ckpt.check_layout).
             "world_size": dist.world,
             "zero_stage": zero_stage,
+            "precision": cfg.precision,
             "time": time.time(),
         }
         written = ckpt.save(engine, tokenizer, root, version, state, dist.is_main)

@@ -79,7 +79,7 @@ def train(
     micro_batch_size: int | None = typer.Option(None, help="examples per forward pass per rank"),
     grad_accum: int | None = typer.Option(None, help="micro-batches per rank per step (derived from --batch-size)"),
     max_seq_len: int | None = typer.Option(None, help="longer prompt+completion records are rejected"),
-    precision: str | None = typer.Option(None, help="bf16 | fp32"),
+    precision: str | None = typer.Option(None, help="auto | bf16 | fp32 (auto: bf16 where the device has it natively)"),
     grad_checkpointing: bool | None = typer.Option(
         None, "--grad-checkpointing/--no-grad-checkpointing", help="recompute activations in backward"
     ),

@@ -6,7 +6,7 @@ so there is no padding and tokens/s means the same thing everywhere (batch × se
 `mindgap train` runs as the real command on a JSONL of expert records (DFT loss, fp32, `--zero-stage 2`,
 one process, which runs as ZeRO stage 0: one rank has nothing to partition) and reports each step's time in
 its metrics JSONL; the baselines run in their own processes. Against TRL's defaults it runs with its own
-(`--precision bf16`); the 2-rank run really is ZeRO-2.
+(`--precision auto`: bf16 where the device runs it natively, else fp32); the 2-rank run really is ZeRO-2.
 The first step of every run is the warm-up and is dropped. Peak RSS of `mindgap train` and of the bare
 loop feeds the memory line.
 """
@@ -28,6 +28,11 @@ from shared.dataio import atomic_write_jsonl, read_problems
 from shared.schema import ChatMessage, Example, Stage, example_id
 
 TIMEOUT_S = 3600
+# what `mindgap train`'s two precisions run, for the row that compares each tool out of the box
+_PRECISION = {
+    "bf16": "DeepSpeed bf16: bf16 weights and activations, fp32 master weights",
+    "fp32": "fp32 weights and activations",
+}
 WARMUP_S = 20  # seconds of matmuls on a GPU before the first contender
 
 
@@ -136,8 +141,10 @@ def run(
     batch: int | None = None,
 ) -> LineResult:
     """Measure the trainer line and the trainer half of the memory line (sizes default by `ctx.quick`)."""
+    import torch
+
     from shared.model_source import resolve_model
-    from trainer.zero import effective_zero_stage
+    from trainer.zero import effective_zero_stage, native_bf16, resolve_precision
 
     work = ctx.scratch("trainer")
     model_dir = Path(resolve_model(ctx.model))
@@ -196,31 +203,37 @@ def run(
     if importlib.util.find_spec("trl") is None:
         info["skipped"].append("TRL: not installed")
     else:
-        # bf16 (TRL's defaults, mindgap's --precision bf16) runs ~10-45× slower on a CPU without bf16 matmul
-        # units: there --quick times one bf16 step per side; where bf16 is native, as many as the others.
+        # bf16 (TRL's defaults) runs ~10-80× slower on a CPU without bf16 matmul units: there --quick times one
+        # bf16 step; where bf16 is native, as many as the others.
         gflops = bare["matmul_gflops"]
         slow_steps = 2 if ctx.quick and gflops["bfloat16_autocast"] < gflops["float32"] / 2 else steps
         trl_matched, _ = worker("trl", "trl-matched", variant="matched")
         trl_default, _ = worker("trl", "trl-default", variant="defaults", steps=slow_steps)
-        # Each side with its own defaults: mindgap's precision default is bf16 (no grad checkpointing).
-        ours_bf16, _ = mindgap_train(
-            work, "mindgap-1-bf16", data, model_dir, batch, slow_steps, seq_len, nproc=1, precision="bf16"
+        # Each side with its own defaults: mindgap's precision default is auto (no grad checkpointing).
+        own = resolve_precision("auto", native_bf16(torch.device("cuda" if cuda else "cpu")))
+        own_steps = slow_steps if own == "bf16" else steps
+        ours_default, _ = mindgap_train(
+            work, "mindgap-1-default", data, model_dir, batch, own_steps, seq_len, nproc=1, precision="auto"
         )
         rows[1:1] = [
             Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name, mindgap=mine,
                 baseline=rate_stat(*timed(trl_matched)), baseline_name="TRL SFTTrainer, fp32, no grad checkpointing",
                 target=1.0, note="TRL with the precision and activation settings mindgap runs with."),
             Row(line="trainer", metric="training tokens/s", unit="tokens/s", model=model_name,
-                mindgap=rate_stat(*timed(ours_bf16)), baseline=rate_stat(*timed(trl_default)),
+                mindgap=rate_stat(*timed(ours_default)), baseline=rate_stat(*timed(trl_default)),
                 baseline_name="TRL SFTTrainer, its defaults (bf16, grad ckpt)", target=1.0,
-                note=f"each out of the box: mindgap train --precision bf16 (DeepSpeed bf16: bf16 weights and"
-                " activations, fp32 master weights; no grad checkpointing; 1 rank, stage 0) vs TRL bf16=True"
-                f" (autocast over float32 weights) with gradient checkpointing; {slow_steps - 1} timed step(s)"
-                f" each. {_why_slow(bare, trl_default)}"),
+                note=f"each out of the box: mindgap train, whose --precision auto ran {own} here ({_PRECISION[own]};"
+                " no grad checkpointing; 1 rank, stage 0) vs TRL bf16=True"
+                f" (autocast over float32 weights) with gradient checkpointing; {own_steps - 1} and"
+                f" {slow_steps - 1} timed step(s). {_why_slow(bare, trl_default)}"),
         ]  # fmt: skip
         for name, result in (("trl_defaults", trl_default), ("trl_matched", trl_matched)):
             info[name] = {k: result[k] for k in ("bf16", "gradient_checkpointing", "model_dtype", "profile_top_ops")}
-        info["mindgap_bf16"] = {"gradient_checkpointing": False, "zero_stage": effective_zero_stage(2, 1)}
+        info["mindgap_default"] = {
+            "precision": own,
+            "gradient_checkpointing": False,
+            "zero_stage": effective_zero_stage(2, 1),
+        }
     if cuda and _gpus() < 2:
         info["skipped"].append("2 ranks: one GPU")
     elif batch % 2:
