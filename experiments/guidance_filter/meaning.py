@@ -128,17 +128,20 @@ def default_embedder() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
-def meaning_scores(embed: Embedder, texts: Sequence[str]) -> list[float]:
-    """Each response's highest sentence score: similarity to `REFERS` minus similarity to `SOLVES`."""
+def meaning_scores(embed: Embedder, texts: Sequence[str]) -> list[tuple[float, str]]:
+    """Each response's highest sentence score (similarity to `REFERS` minus similarity to `SOLVES`) and
+    that sentence."""
     refers, solves = embed(REFERS), embed(SOLVES)
     split = [sentences(t) or [t] for t in texts]
     flat = embed([s for parts in split for s in parts])
     per_sentence = ((flat @ refers.T).max(1).values - (flat @ solves.T).max(1).values).tolist()
-    scores, at = [], 0
+    best, at = [], 0
     for parts in split:
-        scores.append(max(per_sentence[at : at + len(parts)]))
+        scored = per_sentence[at : at + len(parts)]
+        top = max(range(len(parts)), key=scored.__getitem__)
+        best.append((scored[top], parts[top]))
         at += len(parts)
-    return scores
+    return best
 
 
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
@@ -150,7 +153,8 @@ def auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
 def embeddings(texts: dict[str, list[str]], path: str) -> None:
     """Section 1: the sentence-embedding score of each group, and what a threshold on it would flag."""
     embed = Embedder(path)
-    scores = {name: meaning_scores(embed, group) for name, group in texts.items()}
+    best = {name: meaning_scores(embed, group) for name, group in texts.items()}
+    scores = {name: [score for score, _ in group] for name, group in best.items()}
     for name, values in scores.items():
         v = sorted(values)
         quantiles = ", ".join(f"{q:.0%} {v[round(q * (len(v) - 1))]:+.3f}" for q in (0.0, 0.5, 0.9, 1.0))
@@ -165,9 +169,8 @@ def embeddings(texts: dict[str, list[str]], path: str) -> None:
             f" references {flagged['references']} of {len(refs)}, self {flagged['self']} of {len(scores['self'])},"
             f" GSM8K {flagged['GSM8K']} of {len(scores['GSM8K'])}"
         )
-    for text, score in zip(texts["references"], refs, strict=True):
-        best = max(sentences(text) or [text], key=lambda s: meaning_scores(embed, [s])[0])
-        print(f"    {score:+.3f}  {best[:100]!r}")
+    for score, sentence in best["references"]:
+        print(f"    {score:+.3f}  {sentence[:100]!r}")
 
 
 def tail_words(text: str) -> int | None:
